@@ -1,0 +1,5 @@
+"""Imports every feature module so that its methods and components register."""
+
+
+def load_features() -> None:
+    from . import _contexts, _files, _identity, _process, _server, _watch  # noqa: F401
