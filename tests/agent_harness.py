@@ -27,7 +27,9 @@ class AgentProcess:
         deadline = time.monotonic() + 20
         while not os.path.exists(self.sock):
             if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.proc.returncode}: {(tmp / 'agent.log').read_text()}")
+                raise RuntimeError(
+                    f"agent exited with {self.proc.returncode}: {(tmp / 'agent.log').read_text()}"
+                )
             if time.monotonic() > deadline:
                 raise RuntimeError("agent did not start")
             time.sleep(0.01)

@@ -46,7 +46,9 @@ def resolve_user(name: str | None) -> User:
         try:
             return _from_pw(pwd.getpwnam(name))
         except KeyError:
-            raise RpcError(ErrorCode.INVALID_ARGUMENT, f"user '{name}' does not exist in the sandbox") from None
+            raise RpcError(
+                ErrorCode.INVALID_ARGUMENT, f"user '{name}' does not exist in the sandbox"
+            ) from None
     try:
         return _from_pw(pwd.getpwnam(DEFAULT_USER))
     except KeyError:

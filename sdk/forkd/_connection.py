@@ -308,7 +308,9 @@ class Connection:
             return
         if type(msg) is p.Request:
             if msg.id in self._handlers:
-                self._spawn(self._reply_error(msg.id, p.RpcError(p.ErrorCode.PROTOCOL, "duplicate request id")))
+                self._spawn(
+                    self._reply_error(msg.id, p.RpcError(p.ErrorCode.PROTOCOL, "duplicate request id"))
+                )
                 return
             task = asyncio.get_running_loop().create_task(self._handle(msg))
             self._handlers[msg.id] = task
@@ -357,7 +359,9 @@ class Connection:
             response = p.Response(req.id, exc, None)
         except Exception as exc:
             log.exception("handler for %s failed", req.method)
-            response = p.Response(req.id, p.RpcError(p.ErrorCode.SANDBOX, f"{type(exc).__name__}: {exc}"), None)
+            response = p.Response(
+                req.id, p.RpcError(p.ErrorCode.SANDBOX, f"{type(exc).__name__}: {exc}"), None
+            )
         finally:
             self._handlers.pop(req.id, None)
         if self.closed.is_set():

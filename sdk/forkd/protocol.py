@@ -202,12 +202,7 @@ def decode(body: bytes | bytearray | memoryview, max_size: int = MAX_FRAME_SIZE)
             raise ProtocolError("bad response id")
         if err is None:
             return Response(rid, None, result)
-        if (
-            isinstance(err, list)
-            and len(err) >= 2
-            and isinstance(err[0], str)
-            and isinstance(err[1], str)
-        ):
+        if isinstance(err, list) and len(err) >= 2 and isinstance(err[0], str) and isinstance(err[1], str):
             return Response(rid, RpcError(err[0], err[1]), None)
         raise ProtocolError("bad error in response")
     if kind == _NOTIFICATION and n == 3:
