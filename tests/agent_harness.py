@@ -16,9 +16,17 @@ from forkd._transports import StreamTransport
 
 
 class AgentProcess:
-    def __init__(self, tmp: Path, warmup: str = "", extra: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        warmup: str = "",
+        extra: list[str] | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
         self.sock = str(tmp / "agent.sock")
-        cmd = [sys.executable, "-m", "forkd_agent", "--listen", f"unix:{self.sock}", "--log-level", "INFO"]
+        # prefix wraps the agent (e.g. `unshare --uts --fork`); proc.pid is then the wrapper's.
+        cmd = [*(prefix or []), sys.executable, "-m", "forkd_agent", "--listen", f"unix:{self.sock}"]
+        cmd += ["--log-level", "INFO"]
         if warmup:
             cmd += ["--warmup", warmup]
         cmd += extra or []
@@ -35,7 +43,17 @@ class AgentProcess:
             time.sleep(0.01)
 
     async def connect(self) -> Connection:
-        transport = await StreamTransport.connect_unix(self.sock)
+        # The socket file appears at bind(), a moment before listen(): a busy
+        # machine can put a connect() in between, which is then refused.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                transport = await StreamTransport.connect_unix(self.sock)
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.01)
         conn = Connection(transport, name="test-client").start()
         await conn.request("hello", {"version": p.PROTOCOL_VERSION})
         return conn

@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup-file", default="", help="file holding warm-up code")
     ap.add_argument("--sandbox-id", default="")
     ap.add_argument("--log-level", default="WARNING")
+    ap.add_argument("--zygote", default="", metavar="fd:N", help="run as a zygote on this control socket")
+    ap.add_argument("--seccomp", default="", help="zygote: file with the children's seccomp BPF program")
     return ap.parse_args(argv)
 
 
@@ -81,6 +83,14 @@ def main(argv: list[str] | None = None) -> None:
             code = f.read()
     load_features()
     warm = warm_up(code)
+    if args.zygote:
+        from . import _zygote
+
+        kind, _, fd = args.zygote.partition(":")
+        if kind != "fd":
+            raise SystemExit("--zygote takes fd:N")
+        _zygote.run(int(fd), warm, args.seccomp)
+        return
     asyncio.run(run(args, warm))
 
 

@@ -98,20 +98,28 @@ class Agent:
 # -- core methods -----------------------------------------------------------
 
 
-@method("hello")
-async def _hello(agent: Agent, conn: Connection, params: dict) -> dict:
+def hello_result(params: dict, sandbox_id: str) -> dict:
     version = params.get("version")
     if version != p.PROTOCOL_VERSION:
         raise p.RpcError(
             p.ErrorCode.PROTOCOL,
             f"protocol version {version!r} is not supported; this agent speaks {p.PROTOCOL_VERSION}",
         )
-    return {"version": p.PROTOCOL_VERSION, "agent": __version__, "sandbox_id": agent.sandbox_id}
+    return {"version": p.PROTOCOL_VERSION, "agent": __version__, "sandbox_id": sandbox_id}
+
+
+def ping_result() -> dict:
+    return {"pong": True, "time": time.time()}
+
+
+@method("hello")
+async def _hello(agent: Agent, conn: Connection, params: dict) -> dict:
+    return hello_result(params, agent.sandbox_id)
 
 
 @method("ping")
 async def _ping(agent: Agent, conn: Connection, params: dict) -> dict:
-    return {"pong": True, "time": time.time()}
+    return ping_result()
 
 
 @method("info")
@@ -140,19 +148,24 @@ async def serve_unix(agent: Agent, path: str) -> asyncio.AbstractServer:
     async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         agent.attach(StreamTransport(reader, writer), name=f"unix:{path}")
 
+    # Listen under a temporary name and rename into place: whoever sees the
+    # path can connect at once (no window between bind and listen).
+    tmp = f"{path}.{os.getpid()}.tmp"
     old = os.umask(0o177)
     try:
-        server = await asyncio.start_unix_server(accepted, path, limit=StreamTransport.READ_SIZE)
+        server = await asyncio.start_unix_server(accepted, tmp, limit=StreamTransport.READ_SIZE)
     finally:
         os.umask(old)
+    os.rename(tmp, path)
     return server
 
 
-async def serve_fd(agent: Agent, fd: int) -> None:
-    """Serve one connection on an inherited stream socket until it closes."""
+async def serve_fd(agent: Agent, fd: int, initial: bytes = b"") -> None:
+    """Serve one connection on an inherited stream socket until it closes.
+    ``initial``: bytes already read from it (see _lazy)."""
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
-    transport = await StreamTransport.from_socket(sock)
+    transport = await StreamTransport.from_socket(sock, initial=initial)
     conn = agent.attach(transport, name=f"fd:{fd}")
     await conn.wait_closed()
 

@@ -42,6 +42,12 @@ NotificationHandler = Callable[["Connection", str, dict], Awaitable[None] | None
 _END = object()
 
 
+def _int_or_none(value: Any) -> int | None:
+    # Ids in a peer's params are used as dict keys: an unhashable one (a list)
+    # must not raise inside the reader task and take the connection down.
+    return value if type(value) is int else None
+
+
 class InboundStream:
     """Receiving side of one stream: async-iterate ``(fd, offset, data)``."""
 
@@ -97,9 +103,12 @@ class InboundStream:
     @property
     def error(self) -> p.RpcError | None:
         err = (self.end_info or {}).get("error")
-        if err:
+        if not err:
+            return None
+        if isinstance(err, list) and len(err) >= 2 and isinstance(err[0], str) and isinstance(err[1], str):
             return p.RpcError(err[0], err[1])
-        return None
+        # A peer's malformed error still means the stream failed; never raise here.
+        return p.RpcError(p.ErrorCode.SANDBOX, f"stream ended with error {err!r}")
 
     async def close(self) -> None:
         """Stop receiving (locally); the caller tells the peer by its own request."""
@@ -199,7 +208,14 @@ class Connection:
     async def send(self, msg: p.Message) -> None:
         if self.closed.is_set():
             raise TransportClosed(self.close_reason)
-        await self.transport.send(p.encode(msg))
+        body = p.encode(msg)
+        if len(body) > p.MAX_FRAME_SIZE:
+            # The peer would drop it without knowing which request it answers,
+            # and that request would wait forever: refuse it here instead.
+            raise p.FrameTooLarge(
+                f"{type(msg).__name__} of {len(body)} bytes exceeds the frame limit of {p.MAX_FRAME_SIZE}"
+            )
+        await self.transport.send(body)
 
     async def request(self, method: str, params: dict | None = None, timeout: float | None = None) -> Any:
         rid = next(self._ids)
@@ -248,10 +264,11 @@ class Connection:
     async def send_stream(self, stream_id: int, fd: int, offset: int, data: bytes) -> None:
         credit = self._credits.get(stream_id)
         while credit is not None and credit.available <= 0:
-            credit.event.clear()
-            await credit.event.wait()
+            # Checked before waiting too: after shutdown nobody would wake us.
             if self.closed.is_set():
                 raise TransportClosed(self.close_reason)
+            credit.event.clear()
+            await credit.event.wait()
             credit = self._credits.get(stream_id)
         if credit is None:
             raise p.RpcError(p.ErrorCode.CANCELLED, f"stream {stream_id} is closed")
@@ -317,16 +334,16 @@ class Connection:
             return
         method, params = msg
         if method == "stream.ack":
-            credit = self._credits.get(params.get("stream"))
+            credit = self._credits.get(_int_or_none(params.get("stream")))
             n = params.get("bytes")
             if credit is not None and type(n) is int and n > 0:
                 credit.grant(n)
         elif method == "stream.end":
-            stream = self._inbound.get(params.get("stream"))
+            stream = self._inbound.get(_int_or_none(params.get("stream")))
             if stream is not None:
                 stream._end(params)
         elif method == "cancel":
-            task = self._handlers.get(params.get("id"))
+            task = self._handlers.get(_int_or_none(params.get("id")))
             if task is not None:
                 task.cancel()
         elif self.on_notification is not None:

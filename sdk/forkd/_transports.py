@@ -45,10 +45,13 @@ class StreamTransport:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         max_frame_size: int = MAX_FRAME_SIZE,
+        initial: bytes = b"",
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._frames = FrameReader(max_frame_size)
+        # Bytes someone already read off this stream (a hand-over from another reader).
+        self._frames.feed(initial)
         self._ready: collections.deque[bytes] = collections.deque()
         self._closed = False
 

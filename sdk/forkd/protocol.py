@@ -228,8 +228,11 @@ class FrameReader:
         self._skip = 0
 
     def feed(self, data: bytes) -> None:
-        if self._skip:
-            n = min(self._skip, len(data))
+        # Drop the oversized body as it arrives, but only the part of it that is
+        # not already buffered (frames() raised before it could skip that part).
+        beyond = self._skip - (len(self._buf) - self._pos)
+        if beyond > 0:
+            n = min(beyond, len(data))
             self._skip -= n
             data = data[n:]
         self._buf += data

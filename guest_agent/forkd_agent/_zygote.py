@@ -1,0 +1,352 @@
+"""The zygote: a warmed agent that forks whole sandboxes on request.
+
+It runs inside a template's root filesystem (set up by the runtime's launcher:
+its own mount namespace, the template bind-mounted with ownership shifted to
+the sandbox uid range). It never runs an event loop, so a fork is a plain
+fork: the child starts its own loop from scratch.
+
+Per child, the zygote does the little that needs host privilege — create the
+child's layer directories, ``clone()`` straight into new user, mount, pid, uts,
+ipc and network namespaces (the child is PID 1 at once: one fork, not two),
+write its uid/gid maps — and the child does the rest in parallel on another
+core: overlay root, /proc, a minimal /dev, pivot_root, hostname, loopback,
+no-new-privileges, seccomp, identity, then it serves the agent protocol on its
+end of a socketpair whose other end goes back to the runtime.
+
+Control protocol: forkd.protocol frames over a SOCK_SEQPACKET socket, one frame
+per packet; the ``fork`` response carries the children's channel fds (SCM_RIGHTS).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+
+from forkd import protocol as p
+
+from . import _linux as L
+
+log = logging.getLogger("forkd.zygote")
+
+# The zygote is root of a user namespace already mapped to the sandbox uid
+# range; children get the rest fresh. The network namespace usually comes from
+# the pool below instead of CLONE_NEWNET (creating one costs milliseconds).
+NS_FLAGS = L.CLONE_NEWNS | L.CLONE_NEWPID | L.CLONE_NEWUTS | L.CLONE_NEWIPC
+# Each child mounts its own tmpfs here (in its private mount namespace) for its
+# writable layer: a per-sandbox disk quota, charged to its memory cgroup, gone
+# with the sandbox. The zygote's own view of this directory is the host's.
+LAYER_DIR = "/opt/forkd/run"
+DEFAULT_DISK_MB = 1024
+LOWER_DIR = "/opt/forkd/lower"  # the template again, as the overlay's lower layer
+LIB_DIR = "/opt/forkd/lib"  # forkd's own code, read-only
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+MAX_PACKET = 1 << 20
+NETNS_POOL = 64
+TIMING = {"dirs": 0.0, "clone": 0.0}
+
+
+class NetnsPool:
+    """Network namespaces made ahead of time, with loopback up.
+
+    Made while the zygote is idle, so a burst of forks does not pay for them.
+    Each is owned by the zygote's user namespace, so a child's root can use it
+    as its own. Taken ones are never reused: a child's namespace dies with it."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        # A home of our own: setns() back to the host's namespace would need
+        # privilege over it, which the zygote (root of its own userns) lacks.
+        L.unshare(L.CLONE_NEWNET)
+        self.home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self.ready: list[int] = []
+
+    def fill_one(self) -> bool:
+        if len(self.ready) >= self.target:
+            return False
+        L.unshare(L.CLONE_NEWNET)
+        try:
+            L.set_loopback_up()
+            self.ready.append(os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+        finally:
+            L.setns(self.home, L.CLONE_NEWNET)
+        return True
+
+    def take(self) -> int | None:
+        return self.ready.pop() if self.ready else None
+
+
+class Zygote:
+    def __init__(
+        self, control: socket.socket, warm: dict, seccomp: bytes | None, netns_pool: int = NETNS_POOL
+    ) -> None:
+        self.control = control
+        self.warm = warm
+        self.seccomp = seccomp
+        self.netns = NetnsPool(netns_pool)
+
+    def serve(self) -> None:
+        import select
+
+        prime()
+        # Objects alive now are shared with every child; keep the collector from
+        # touching (and so copying) their pages.
+        gc.collect()
+        gc.freeze()
+        # Children are reaped by the kernel: their status matters to nobody (the
+        # runtime watches each child's channel), and zombies must not pile up.
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        while True:
+            # Idle: top up the network namespace pool, one at a time so a request
+            # arriving meanwhile waits at most one creation.
+            while not select.select([self.control], [], [], 0)[0]:
+                if not self.netns.fill_one():
+                    select.select([self.control], [], [])
+            try:
+                packet = self.control.recv(MAX_PACKET)
+            except InterruptedError:
+                continue
+            if not packet:
+                return  # the runtime went away: so do we
+            try:
+                msg = p.decode(packet)
+            except p.ProtocolError as exc:
+                log.warning("bad control frame: %s", exc.message)
+                continue
+            if not isinstance(msg, p.Request):
+                continue
+            fds: list[int] = []
+            try:
+                result, fds = self.dispatch(msg.method, msg.params)
+                reply = p.Response(msg.id, None, result)
+            except p.RpcError as exc:
+                reply = p.Response(msg.id, exc, None)
+            except Exception as exc:
+                log.exception("zygote request %s failed", msg.method)
+                reply = p.Response(
+                    msg.id, p.RpcError(p.ErrorCode.SANDBOX, f"{type(exc).__name__}: {exc}"), None
+                )
+            try:
+                socket.send_fds(self.control, [p.encode(reply)], fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def dispatch(self, method: str, params: dict) -> tuple[dict, list[int]]:
+        if method == "ping":
+            return {"pid": os.getpid(), "warm": self.warm, "netns_ready": len(self.netns.ready)}, []
+        if method == "fork":
+            return self.fork_children(params.get("children") or [])
+        raise p.RpcError(p.ErrorCode.UNKNOWN_METHOD, f"zygote: unknown method {method!r}")
+
+    def fork_children(self, specs: list) -> tuple[dict, list[int]]:
+        done, errors, fds = [], [], []
+        for spec in specs:
+            try:
+                pid, fd = self.fork_one(spec)
+            except Exception as exc:  # one child's failure must not lose the others
+                errors.append({"id": str(spec.get("id")), "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            done.append({"id": spec["id"], "pid": pid})
+            fds.append(fd)
+        timing = {k: round(v * 1000, 3) for k, v in TIMING.items()}
+        for k in TIMING:
+            TIMING[k] = 0.0
+        return {
+            "children": done,
+            "errors": errors,
+            "timing_ms": timing,
+            "netns_ready": len(self.netns.ready),
+        }, fds
+
+    def fork_one(self, spec: dict) -> tuple[int, int]:
+        cid = spec["id"]
+        if not isinstance(cid, str) or not cid or "/" in cid or cid.startswith("."):
+            raise ValueError(f"bad child id {cid!r}")
+        t0 = time.perf_counter()
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        t1 = time.perf_counter()
+        flags = NS_FLAGS
+        netns = self.netns.take()
+        if netns is None:
+            flags |= L.CLONE_NEWNET
+        else:
+            L.setns(netns, L.CLONE_NEWNET)  # the child inherits whatever we are in
+        try:
+            pid = L.clone(flags)
+            if pid == 0:  # the child: never returns
+                parent_end.close()
+                _child_main(child_end, spec, self)
+        finally:
+            if netns is not None:
+                L.setns(self.netns.home, L.CLONE_NEWNET)
+                os.close(netns)
+        child_end.close()
+        TIMING["dirs"] += t1 - t0
+        TIMING["clone"] += time.perf_counter() - t1
+        return pid, parent_end.detach()
+
+
+def _child_main(channel: socket.socket, spec: dict, zygote: Zygote) -> None:
+    code = 0
+    try:
+        # Drop everything inherited but the channel, before anything can fail.
+        fd = channel.fileno()
+        if fd != 3:
+            os.dup2(fd, 3)
+            channel.close()
+        os.closerange(4, 1 << 16)
+        zygote.control = None
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _setup_sandbox(spec, zygote.seccomp)
+        _serve(spec, zygote.warm)
+    except BaseException as exc:
+        code = 71
+        try:
+            print(
+                f"forkd child {spec.get('id')}: setup failed: {type(exc).__name__}: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def _setup_sandbox(spec: dict, seccomp: bytes | None) -> None:
+    L.mount(None, "/", None, L.MS_REC | L.MS_PRIVATE)
+    layer = LAYER_DIR
+    disk_mb = int(spec.get("disk_mb") or DEFAULT_DISK_MB)
+    L.mount("tmpfs", layer, "tmpfs", L.MS_NOSUID | L.MS_NODEV, f"size={disk_mb}m,mode=0755")
+    for sub in ("upper", "work", "merged"):
+        os.mkdir(f"{layer}/{sub}", 0o755)
+    root = f"{layer}/merged"
+    L.mount(
+        "overlay",
+        root,
+        "overlay",
+        0,
+        f"lowerdir={LOWER_DIR},upperdir={layer}/upper,workdir={layer}/work,userxattr",
+    )
+    L.mount("proc", f"{root}/proc", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
+    L.mount("tmpfs", f"{root}/dev", "tmpfs", L.MS_NOSUID | L.MS_NOEXEC, "mode=755,size=64k")
+    for name in DEV_NODES:
+        target = f"{root}/dev/{name}"
+        os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o666))
+        L.mount(f"/dev/{name}", target, None, L.MS_BIND)
+    os.mkdir(f"{root}/dev/pts")
+    L.mount(
+        "devpts", f"{root}/dev/pts", "devpts", L.MS_NOSUID | L.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620"
+    )
+    os.symlink("pts/ptmx", f"{root}/dev/ptmx")
+    os.mkdir(f"{root}/dev/shm", 0o1777)
+    L.mount("tmpfs", f"{root}/dev/shm", "tmpfs", L.MS_NOSUID | L.MS_NODEV, "mode=1777")
+    for i, name in enumerate(("stdin", "stdout", "stderr")):
+        os.symlink(f"/proc/self/fd/{i}", f"{root}/dev/{name}")
+    os.symlink("/proc/self/fd", f"{root}/dev/fd")
+    L.mount(LIB_DIR, f"{root}{LIB_DIR}", None, L.MS_BIND | L.MS_REC)
+    L.mount(None, f"{root}{LIB_DIR}", None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | L.MS_NOSUID | L.MS_NODEV)
+    os.chdir(root)
+    # Stack the new root over the old one and detach the old: no path leads back.
+    L.pivot_root(".", ".")
+    L.umount2(".", L.MNT_DETACH)
+    os.chdir("/")
+    hostname = spec.get("hostname") or spec["id"][:63]
+    socket.sethostname(hostname)
+    L.set_loopback_up()  # already up for a pooled namespace; cheap either way
+    # The agent's own stdio pointed at the zygote's log (a host file): a sandbox
+    # must not be able to read or write it through /proc/1/fd.
+    null = os.open("/dev/null", os.O_RDWR)
+    for i in (0, 1, 2):
+        os.dup2(null, i)
+    os.close(null)
+    L.set_no_new_privs()
+    if seccomp:
+        L.install_seccomp(seccomp)
+
+
+def _serve(spec: dict, warm: dict) -> None:
+    from ._lazy import answer_until_needed
+
+    entropy = spec.get("entropy") or os.urandom(32)
+    # A fork clones the parent's PRNG state: every child must diverge.
+    random.seed(entropy)
+    if "numpy" in sys.modules:
+        try:
+            sys.modules["numpy"].random.seed(int.from_bytes(entropy[:4], "little"))
+        except Exception:
+            pass
+    sandbox_id = spec.get("sandbox_id") or spec["id"]
+    pending = answer_until_needed(3, sandbox_id)
+    if pending is None:
+        return
+    run_agent(sandbox_id, warm, pending)
+
+
+def run_agent(sandbox_id: str, warm: dict, pending: bytes = b"", fd: int = 3) -> None:
+    import asyncio
+
+    from ._server import Agent, serve_fd
+
+    os.environ["HOSTNAME"] = socket.gethostname()
+
+    async def main() -> None:
+        agent = Agent(sandbox_id=sandbox_id, warm=warm)
+        await agent.start()
+        await serve_fd(agent, fd, initial=pending)
+        await agent.close()
+
+    asyncio.run(main())
+
+
+def prime(rounds: int = 5) -> None:
+    """Run the agent's start-up, a few requests and shutdown here, before any fork.
+
+    Python 3.11 specialises bytecode in place the first times a function runs;
+    if that happened in every child it would copy the pages of every code object
+    it touches. Done once in the zygote, children inherit settled code."""
+    import threading
+
+    from forkd._connection import Connection
+    from forkd._transports import StreamTransport
+
+    for _ in range(rounds):
+        ours, theirs = socket.socketpair()
+        fd = theirs.detach()
+
+        # run_agent blocks in its own loop; drive it from a client loop in a
+        # thread that exists only during priming (no threads survive to a fork).
+        def client(ours: socket.socket = ours) -> None:
+            import asyncio
+
+            async def go() -> None:
+                ours.setblocking(False)
+                conn = Connection(await StreamTransport.from_socket(ours)).start()
+                await conn.request("hello", {"version": p.PROTOCOL_VERSION})
+                for _ in range(3):
+                    await conn.request("ping")
+                    await conn.request("info")
+                await conn.close()
+
+            asyncio.run(go())
+
+        t = threading.Thread(target=client)
+        t.start()
+        run_agent("prime", {}, b"", fd)
+        t.join()
+
+
+def run(control_fd: int, warm: dict, seccomp_path: str = "") -> None:
+    seccomp = None
+    if seccomp_path:
+        with open(seccomp_path, "rb") as f:
+            seccomp = f.read()
+    control = socket.socket(fileno=control_fd)
+    started = time.time()
+    warm = {**warm, "zygote_started_at": started}
+    Zygote(control, warm, seccomp).serve()

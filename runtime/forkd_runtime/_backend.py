@@ -1,0 +1,92 @@
+"""The interface every fork engine implements, and the objects it hands out.
+
+The gateway sees only this: a Backend prepares a warm Snapshot of a template,
+spawns Children from it, and kills them. The process backend (zygote + Linux
+namespaces) and the microVM backend (QEMU restore) both fit behind it.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from forkd._connection import Connection
+
+__all__ = ["Limits", "SpawnOptions", "Snapshot", "Child", "Backend", "SpawnError"]
+
+
+class SpawnError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_mb: int = 512
+    cpus: float = 1.0
+    pids: int = 512
+    disk_mb: int = 1024  # the sandbox's writable layer
+
+    def __post_init__(self) -> None:
+        if self.memory_mb < 16 or self.cpus <= 0 or self.pids < 8 or self.disk_mb < 1:
+            raise ValueError(f"limits too small: {self}")
+
+
+@dataclass(frozen=True)
+class SpawnOptions:
+    limits: Limits = field(default_factory=Limits)
+    internet: bool = False
+
+
+@dataclass
+class Snapshot:
+    """A warm parent that children are forked from."""
+
+    id: str
+    template: str
+    backend: str
+    parent: Snapshot | None = None
+    created_at: float = field(default_factory=time.time)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Child:
+    """One running sandbox."""
+
+    id: str
+    snapshot: Snapshot
+    pid: int
+    conn: Connection
+    options: SpawnOptions
+    created_at: float = field(default_factory=time.time)
+    # Backend-private handle (cgroup, layer paths, pidfd...).
+    handle: Any = None
+
+    @property
+    def alive(self) -> bool:
+        return not self.conn.closed.is_set()
+
+
+class Backend(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    async def prepare(self, template: str) -> Snapshot:
+        """Start (or reuse) the warm parent of ``template``."""
+
+    @abc.abstractmethod
+    async def spawn(self, snapshot: Snapshot, n: int, options: SpawnOptions | None = None) -> list[Child]:
+        """Fork ``n`` children; each has answered a ping when this returns."""
+
+    @abc.abstractmethod
+    async def kill(self, child: Child) -> None:
+        """Kill a child and release everything it held. Idempotent."""
+
+    @abc.abstractmethod
+    def children(self) -> list[Child]: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Kill every child and parent this backend started."""

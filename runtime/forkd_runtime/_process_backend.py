@@ -1,0 +1,369 @@
+"""The process backend: a warm zygote per template forks namespaced children.
+
+Spawning N children is pipelined: the zygote forks them in chunks and sends
+back each child's channel; while it forks the next chunk, the runtime puts the
+previous ones into their cgroups and pings them. The zygote does only what
+needs host privilege; each child builds its own root in parallel (see
+forkd_agent._zygote).
+
+Children are tied to the runtime by their channel: if the runtime dies, every
+channel closes and every child exits (its agent is PID 1 of its namespace), and
+the zygote exits when its control socket closes. What stays behind on disk
+(layer directories, empty cgroups) is removed by ``reconcile()`` at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import forkd
+import forkd_agent
+from forkd import protocol as p
+from forkd._connection import Connection
+from forkd._transports import StreamTransport
+
+from ._backend import Backend, Child, Snapshot, SpawnError, SpawnOptions
+from ._cgroups import Cgroup, Cgroups, detect
+from ._seccomp import filter_file
+from ._state import state_dir
+from ._templates import Template, TemplateStore
+
+__all__ = ["ProcessBackend", "UID_BASE"]
+
+log = logging.getLogger("forkd.runtime.process")
+
+# Sandbox root is this host uid (systemd reserves 524288+ for container ranges).
+UID_BASE = 524288
+CHUNK = 16
+MAX_PACKET = 1 << 20
+
+
+def _copy_lib(dest_root: Path) -> Path:
+    """A private, content-addressed copy of forkd's guest-side code for zygotes:
+    editing the source tree never changes what a running zygote imports."""
+    files = []
+    for pkg in (forkd, forkd_agent):
+        base = Path(pkg.__file__).parent
+        for f in sorted(base.rglob("*.py")):
+            files.append((pkg.__name__, f.relative_to(base), f.read_bytes()))
+    digest = hashlib.sha256()
+    for name, rel, data in files:
+        digest.update(f"{name}/{rel}\0".encode() + data)
+    dest = dest_root / digest.hexdigest()[:16]
+    if not dest.is_dir():
+        tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+        for name, rel, data in files:
+            target = tmp / name / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        os.rename(tmp, dest)
+    return dest
+
+
+class Zygote:
+    """The runtime's handle on one zygote process."""
+
+    def __init__(
+        self, template: Template, proc: subprocess.Popen, sock: socket.socket, stage: Path, run_dir: Path
+    ) -> None:
+        self.template = template
+        self.run_dir = run_dir
+        self.proc = proc
+        self.sock = sock
+        self.stage = stage
+        self.lock = asyncio.Lock()
+        self.ids = iter(range(1, 1 << 62))
+        self.info: dict = {}
+
+    async def request(self, method: str, params: dict, timeout: float = 30) -> tuple[dict, list[int]]:
+        async with self.lock:
+            rid = next(self.ids)
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(self.sock, p.encode(p.Request(rid, method, params)))
+            while True:
+                data, fds = await asyncio.wait_for(self._recv(), timeout)
+                if not data:
+                    raise SpawnError(f"zygote of {self.template.name} exited (code {self.proc.poll()})")
+                msg = p.decode(data)
+                if isinstance(msg, p.Response) and msg.id == rid:
+                    if msg.error is not None:
+                        for fd in fds:
+                            os.close(fd)
+                        raise SpawnError(f"zygote: {msg.error.message}")
+                    return msg.result, fds
+                for fd in fds:
+                    os.close(fd)
+
+    async def _recv(self) -> tuple[bytes, list[int]]:
+        loop = asyncio.get_running_loop()
+        fd = self.sock.fileno()
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_PACKET, 253)
+                return data, fds
+            except BlockingIOError:
+                pass
+            ready = loop.create_future()
+            loop.add_reader(fd, lambda r=ready: r.done() or r.set_result(None))
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    async def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        await asyncio.get_running_loop().run_in_executor(None, self.proc.wait)
+        with contextlib.suppress(OSError):
+            self.stage.rmdir()
+        await asyncio.to_thread(shutil.rmtree, self.run_dir, True)
+
+
+@dataclass
+class _Handle:
+    cgroup: Cgroup | None
+    pidfd: int
+    killed: bool = False
+
+
+class ProcessBackend(Backend):
+    name = "process"
+
+    def __init__(self, store: TemplateStore | None = None, root: str | os.PathLike | None = None) -> None:
+        self.state = state_dir(root)
+        self.store = store or TemplateStore(self.state)
+        self.run_dir = self.state / "run"
+        self.cgroups: Cgroups = detect()
+        self._zygotes: dict[str, Zygote] = {}
+        self._snapshots: dict[str, Snapshot] = {}
+        self._children: dict[str, Child] = {}
+        self._lock_fd: int | None = None
+        self._started = False
+
+    # -- lifecycle --
+    async def start(self) -> None:
+        """Take the state directory and clean up after any previous crashed run."""
+        if self._started:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.state / "process-backend.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpawnError(f"another forkd runtime is using {self.state}") from None
+        self._lock_fd = fd
+        await self.reconcile()
+        self._started = True
+
+    async def reconcile(self) -> dict:
+        """Remove what a previous run left: cgroups (and anything still in them),
+        child layer directories, zygote stages. Only safe while we hold the lock."""
+        removed = {"cgroups": 0, "layers": 0}
+        for cg in self.cgroups.existing():
+            cg.kill()
+            for _ in range(100):
+                if cg.remove():
+                    removed["cgroups"] += 1
+                    break
+                await asyncio.sleep(0.01)
+        for entry in self.run_dir.iterdir():
+            if entry.is_dir():
+                await asyncio.to_thread(shutil.rmtree, entry, True)
+                removed["layers"] += 1
+        stages = self.state / "zygotes"
+        if stages.is_dir():
+            for entry in stages.iterdir():
+                with contextlib.suppress(OSError):
+                    entry.rmdir()
+        if any(removed.values()):
+            log.warning("reconcile removed leftovers of a previous run: %s", removed)
+        return removed
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.kill(c) for c in list(self._children.values())), return_exceptions=True)
+        for z in list(self._zygotes.values()):
+            await z.close()
+        self._zygotes.clear()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._started = False
+
+    # -- parents --
+    async def prepare(self, template: str) -> Snapshot:
+        await self.start()
+        z = self._zygotes.get(template)
+        if z is not None and z.alive():
+            return self._snapshots[template]
+        tpl = self.store.get(template)
+        t0 = time.perf_counter()
+        z = await self._launch(tpl)
+        self._zygotes[template] = z
+        snap = Snapshot(
+            id=f"zygote-{template}",
+            template=template,
+            backend=self.name,
+            meta={"digest": tpl.digest, "warm": z.info.get("warm"), "start_s": time.perf_counter() - t0},
+        )
+        self._snapshots[template] = snap
+        return snap
+
+    async def _launch(self, tpl: Template) -> Zygote:
+        lib = _copy_lib(self.state / "lib")
+        zname = f"{tpl.name}-{uuid.uuid4().hex[:8]}"
+        stage = self.state / "zygotes" / zname
+        stage.mkdir(parents=True)
+        # The zygote is root of its own user namespace, i.e. UID_BASE on the host:
+        # it creates children's layers in a directory that uid owns.
+        zrun = self.run_dir / zname
+        zrun.mkdir(mode=0o700)
+        os.chown(zrun, UID_BASE, UID_BASE)
+        seccomp = filter_file(zrun)
+        logs = self.state / "logs"
+        logs.mkdir(exist_ok=True)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cmd = [
+            sys.executable, "-m", "forkd_runtime._zygote_launch",
+            "--rootfs", str(tpl.rootfs), "--stage", str(stage), "--run-dir", str(zrun),
+            "--lib-dir", str(lib), "--uid-base", str(UID_BASE), "--",
+            "--zygote", f"fd:{theirs.fileno()}",
+            "--seccomp", f"/opt/forkd/run/{seccomp.name}",
+            "--warmup", tpl.spec.warmup, "--log-level", "WARNING",
+        ]  # fmt: skip
+        with open(logs / f"zygote-{tpl.name}.log", "ab") as log_file:
+            proc = subprocess.Popen(
+                cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file
+            )
+        theirs.close()
+        ours.setblocking(False)
+        z = Zygote(tpl, proc, ours, stage, zrun)
+        try:
+            z.info, _ = await z.request("ping", {}, timeout=60)
+        except (SpawnError, TimeoutError, OSError) as exc:
+            await z.close()
+            tail = (logs / f"zygote-{tpl.name}.log").read_text(errors="replace")[-2000:]
+            raise SpawnError(f"zygote for {tpl.name} did not start: {exc}\n{tail}") from None
+        return z
+
+    # -- children --
+    def children(self) -> list[Child]:
+        return list(self._children.values())
+
+    async def spawn(self, snapshot: Snapshot, n: int, options: SpawnOptions | None = None) -> list[Child]:
+        options = options or SpawnOptions()
+        if options.internet:
+            raise SpawnError("internet access is not available in this build of the process backend")
+        z = self._zygotes.get(snapshot.template)
+        if z is None or not z.alive():
+            snapshot = await self.prepare(snapshot.template)
+            z = self._zygotes[snapshot.template]
+        pings: list[asyncio.Task] = []
+        errors: list[str] = []
+        remaining = n
+        while remaining > 0:
+            k = min(CHUNK, remaining)
+            remaining -= k
+            specs = []
+            for _ in range(k):
+                cid = f"sbx-{uuid.uuid4().hex[:16]}"
+                specs.append(
+                    {
+                        "id": cid,
+                        "hostname": cid,
+                        "sandbox_id": cid,
+                        "entropy": os.urandom(32),
+                        "disk_mb": options.limits.disk_mb,
+                    }
+                )
+            result, fds = await z.request("fork", {"children": specs})
+            errors.extend(f"{e['id']}: {e['error']}" for e in result.get("errors", []))
+            for info, fd in zip(result["children"], fds, strict=True):
+                pings.append(
+                    asyncio.ensure_future(self._admit(snapshot, info["id"], info["pid"], fd, options))
+                )
+        outcomes = await asyncio.gather(*pings, return_exceptions=True)
+        children = [c for c in outcomes if isinstance(c, Child)]
+        errors.extend(str(e) for e in outcomes if isinstance(e, BaseException))
+        if errors:
+            log.warning("%d of %d children failed: %s", len(errors), n, errors[:3])
+        if not children and n:
+            raise SpawnError(f"no child started: {errors[0] if errors else 'unknown error'}")
+        return children
+
+    async def _admit(self, snapshot: Snapshot, cid: str, pid: int, fd: int, options: SpawnOptions) -> Child:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        pidfd = os.pidfd_open(pid)
+        cgroup = None
+        handle = _Handle(cgroup=None, pidfd=pidfd)
+        transport = await StreamTransport.from_socket(sock)
+        conn = Connection(transport, name=cid)
+        child = Child(id=cid, snapshot=snapshot, pid=pid, conn=conn, options=options, handle=handle)
+        self._children[cid] = child
+        try:
+            # Limits before the child is handed out: nothing but our agent has run in it yet.
+            cgroup = self.cgroups.create(cid, options.limits)
+            handle.cgroup = cgroup
+            cgroup.add(pid)
+            conn.start()
+            conn.add_close_callback(lambda _c: self._on_channel_closed(child))
+            await conn.request("ping", {}, timeout=30)
+        except BaseException as exc:
+            await self.kill(child)
+            raise SpawnError(f"{cid}: did not come up: {exc}") from None
+        return child
+
+    def _on_channel_closed(self, child: Child) -> None:
+        # The sandbox died (or was killed): release its resources.
+        if not child.handle.killed:
+            asyncio.ensure_future(self.kill(child))
+
+    async def kill(self, child: Child) -> None:
+        h: _Handle = child.handle
+        if h.killed:
+            return
+        h.killed = True
+        self._children.pop(child.id, None)
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(h.pidfd, signal.SIGKILL)
+        await child.conn.close("killed")
+        await self._wait_exit(h.pidfd)
+        os.close(h.pidfd)
+        if h.cgroup is not None:
+            for _ in range(200):
+                h.cgroup.kill()
+                if h.cgroup.remove():
+                    break
+                await asyncio.sleep(0.005)
+
+    async def _wait_exit(self, pidfd: int, timeout: float = 5.0) -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+        try:
+            await asyncio.wait_for(done, timeout)
+        except TimeoutError:
+            log.error("child did not exit within %.1f s of SIGKILL", timeout)
+        finally:
+            loop.remove_reader(pidfd)

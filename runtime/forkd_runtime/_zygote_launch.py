@@ -1,0 +1,140 @@
+"""Start a template's zygote: ``python -m forkd_runtime._zygote_launch --rootfs ... -- <agent args>``.
+
+Runs as host root in a process of its own (the runtime may have threads, so
+this cannot be a preexec_fn). It builds the zygote's world and then execs the
+template's own python3 as the zygote:
+
+    /                  the template root, read-only, ownership shifted by an
+                       idmapped mount so that host root's files appear owned by
+                       the sandbox range (uid_base..uid_base+65535)
+    /opt/forkd/lower   the same again: the children's overlay lower layer (an
+                       overlay cannot use the namespace's root mount as a layer)
+    /opt/forkd/run     the host's run directory: per-child layers, read-write
+    /opt/forkd/lib     forkd's own code (a private copy), read-only
+    /proc, /dev        the host's, for writing children's id maps and for the
+                       device nodes children bind into their minimal /dev
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from forkd_agent import _linux as L
+
+
+def make_userns_fd(uid_base: int) -> int:
+    """An fd for a user namespace that maps 0..65535 to the sandbox range (for idmapped mounts)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            L.unshare(L.CLONE_NEWUSER)
+            os.write(w, b"1")
+            signal.pause()
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        if os.read(r, 1) != b"1":
+            raise RuntimeError("userns helper failed")
+        id_map = f"0 {uid_base} 65536\n"
+        L.write_id_maps(pid, id_map, id_map)
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(r)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rootfs", required=True)
+    ap.add_argument("--stage", required=True, help="empty host directory to build the new root on")
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--lib-dir", required=True)
+    ap.add_argument("--uid-base", type=int, required=True)
+    ap.add_argument("agent_args", nargs=argparse.REMAINDER)
+    args = ap.parse_args(argv)
+    agent_args = args.agent_args[1:] if args.agent_args[:1] == ["--"] else args.agent_args
+
+    t0 = time.perf_counter()
+    userns = make_userns_fd(args.uid_base)
+    L.unshare(L.CLONE_NEWNS)
+    L.mount(None, "/", None, L.MS_REC | L.MS_PRIVATE)
+    stage = args.stage
+    L.idmapped_bind(args.rootfs, stage, userns, readonly=True)
+    L.idmapped_bind(args.rootfs, f"{stage}/opt/forkd/lower", userns, readonly=True)
+    os.close(userns)
+    L.mount(args.run_dir, f"{stage}/opt/forkd/run", None, L.MS_BIND)
+    L.mount(args.lib_dir, f"{stage}/opt/forkd/lib", None, L.MS_BIND)
+    L.mount(
+        None,
+        f"{stage}/opt/forkd/lib",
+        None,
+        L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | L.MS_NOSUID | L.MS_NODEV,
+    )
+    L.mount("proc", f"{stage}/proc", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
+    L.mount("/dev", f"{stage}/dev", None, L.MS_BIND | L.MS_REC)
+    os.chdir(stage)
+    L.pivot_root(".", ".")
+    L.umount2(".", L.MNT_DETACH)
+    os.chdir("/")
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PYTHONPATH": "/opt/forkd/lib",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "FORKD_LAUNCH_MS": f"{(time.perf_counter() - t0) * 1000:.1f}",
+    }
+    enter_userns_and_exec(args.uid_base, ["python3", "-m", "forkd_agent", *agent_args], env)
+
+
+def enter_userns_and_exec(uid_base: int, argv: list[str], env: dict) -> None:
+    """Run the zygote as root of a user namespace mapped to the sandbox range.
+
+    Its children then need no id maps of their own (no per-child map writes, no
+    handshake): they are forked already unprivileged on the host. A process
+    cannot map a whole range for itself, so a forked helper enters the namespace
+    and this process, still host root, writes its maps; then the helper execs
+    the zygote and this process waits for it (and dies with it)."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            L.set_parent_death_signal(signal.SIGKILL)
+            L.unshare(L.CLONE_NEWUSER)
+            os.write(ready_w, b"1")
+            if os.read(go_r, 1) != b"1":
+                os._exit(70)
+            os.setresgid(0, 0, 0)
+            os.setgroups([])
+            os.setresuid(0, 0, 0)
+            sys.stdout.flush()
+            os.execve("/usr/bin/python3", argv, env)
+        finally:
+            os._exit(71)
+    os.close(ready_w)
+    os.close(go_r)
+    if os.read(ready_r, 1) != b"1":
+        sys.exit("zygote helper failed to enter its user namespace")
+    id_map = f"0 {uid_base} 65536\n"
+    L.write_id_maps(pid, id_map, id_map)
+    os.write(go_w, b"1")
+    # Hold no fds the runtime watches: the zygote alone owns the control socket.
+    os.closerange(3, 1 << 16)
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
+    _, status = os.waitpid(pid, 0)
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+if __name__ == "__main__":
+    main()
