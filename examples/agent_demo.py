@@ -36,11 +36,14 @@ async def main() -> None:
         t = time.perf_counter()
         stream = conn.open_inbound()
         started = await conn.request(
-            "exec.start", {"cmd": "for i in 1 2 3; do echo line $i; sleep 0.1; done; echo oops >&2", "stream": stream.id}
+            "exec.start",
+            {"cmd": "for i in 1 2 3; do echo line $i; sleep 0.1; done; echo oops >&2", "stream": stream.id},
         )
         async for fd, offset, data in stream:
             name = "stdout" if fd == p.FD_STDOUT else "stderr"
-            print(f"  [{1000 * (time.perf_counter() - t):5.0f} ms] pid {started['pid']} {name}@{offset}: {data!r}")
+            print(
+                f"  [{1000 * (time.perf_counter() - t):5.0f} ms] pid {started['pid']} {name}@{offset}: {data!r}"
+            )
         end = stream.end_info
         print(f"exit_code={end['exit_code']} reason={end['reason']}")
 
@@ -52,7 +55,9 @@ async def main() -> None:
         out = conn.open_inbound()
         res = await conn.request("code.run", {"code": "print('sum is', x.sum())\nx.mean()", "stream": out.id})
         printed = b"".join([d async for _, _, d in out])
-        print(f"run_code: printed {printed!r}, result {res['results'][0]['text']} ({1000 * (time.perf_counter() - t):.1f} ms)")
+        print(
+            f"run_code: printed {printed!r}, result {res['results'][0]['text']} ({1000 * (time.perf_counter() - t):.1f} ms)"
+        )
 
         t = time.perf_counter()
         n = 200
