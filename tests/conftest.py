@@ -21,3 +21,45 @@ async def agent(agent_proc):
     conn = await agent_proc.connect()
     yield conn
     await conn.close()
+
+
+# -- templates and the process backend ---------------------------------------
+# Templates are built once per run into a directory the suite controls and
+# shared by every test; each test's runtime gets its own state directory.
+import os  # noqa: E402
+import shutil  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES_DIR = Path(os.environ.get("FORKD_TEST_TEMPLATES", ROOT / ".cache" / "templates"))
+
+
+def _can_build() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (namespaces, cgroups, mmdebstrap)"
+    if shutil.which("mmdebstrap") is None:
+        return "mmdebstrap is not installed (scripts/setup.sh installs it)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def template_store():
+    """A TemplateStore with the `base` template built (once per run; a no-op when up to date)."""
+    reason = _can_build()
+    if reason:
+        pytest.skip(reason)
+    from forkd_runtime import TemplateStore, load_spec
+
+    store = TemplateStore(TEMPLATES_DIR)
+    store.build(load_spec("base"), progress=lambda m: print(m, flush=True))
+    return store
+
+
+@pytest.fixture
+async def process_backend(template_store, tmp_path):
+    """A ProcessBackend with a private state directory, closed (children killed) after the test."""
+    from forkd_runtime._process_backend import ProcessBackend
+
+    backend = ProcessBackend(store=template_store, root=tmp_path / "state")
+    await backend.start()
+    yield backend
+    await backend.close()

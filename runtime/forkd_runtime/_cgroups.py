@@ -1,7 +1,8 @@
 """Per-sandbox resource limits through cgroups, v2 where mounted, else v1.
 
-Every forkd cgroup lives under a ``forkd`` parent, so the runtime can find and
-remove what a crashed run left behind. v1 mounts each controller separately
+Every forkd cgroup lives under ``forkd/<scope>``, the scope naming one state
+directory, so a runtime finds and removes what its own crashed run left behind
+and never touches another runtime's sandboxes on the same host. v1 mounts each controller separately
 (memory, cpu, pids, freezer); v2 has one tree with controllers enabled per level.
 """
 
@@ -83,7 +84,7 @@ class Cgroup:
                 return {k: int(v) for k, v in (ln.split() for ln in lines if ln)}
             except OSError:
                 return {}
-        mem = self.owner.controller_dir("memory") / PARENT / self.name
+        mem = self.owner.controller_dir("memory") / PARENT / self.owner.scope / self.name
         try:
             text = (mem / "memory.oom_control").read_text()
             return {k: int(v) for k, v in (ln.split() for ln in text.splitlines() if ln)}
@@ -96,9 +97,10 @@ class Cgroups:
 
     V1_CONTROLLERS = ("memory", "cpu", "pids", "freezer")
 
-    def __init__(self, version: int, root: Path = ROOT) -> None:
+    def __init__(self, version: int, root: Path = ROOT, scope: str = "default") -> None:
         self.version = version
         self.root = root
+        self.scope = scope
         self._prepared = False
 
     def controller_dir(self, controller: str) -> Path:
@@ -114,19 +116,20 @@ class Cgroups:
 
     def _parents(self) -> list[Path]:
         if self.version == 2:
-            return [self.root / PARENT]
-        return [self.controller_dir(c) / PARENT for c in self.V1_CONTROLLERS]
+            return [self.root / PARENT / self.scope]
+        return [self.controller_dir(c) / PARENT / self.scope for c in self.V1_CONTROLLERS]
 
     def prepare(self) -> None:
         if self._prepared:
             return
         for parent in self._parents():
-            parent.mkdir(exist_ok=True)
+            parent.mkdir(parents=True, exist_ok=True)
         if self.version == 2:
             enable = " ".join(f"+{c}" for c in ("memory", "cpu", "pids"))
             try:
                 _write(self.root / "cgroup.subtree_control", enable)
                 _write(self.root / PARENT / "cgroup.subtree_control", enable)
+                _write(self.root / PARENT / self.scope / "cgroup.subtree_control", enable)
             except OSError as exc:
                 raise CgroupError(f"cannot enable cgroup v2 controllers: {exc}") from None
         self._prepared = True
@@ -134,7 +137,7 @@ class Cgroups:
     def create(self, name: str, limits: Limits) -> Cgroup:
         self.prepare()
         if self.version == 2:
-            d = self.root / PARENT / name
+            d = self.root / PARENT / self.scope / name
             d.mkdir()
             _write(d / "memory.max", str(limits.memory_mb * 1024 * 1024))
             with contextlib.suppress(OSError):
@@ -145,7 +148,7 @@ class Cgroups:
         dirs = []
         try:
             for c in self.V1_CONTROLLERS:
-                d = self.controller_dir(c) / PARENT / name
+                d = self.controller_dir(c) / PARENT / self.scope / name
                 d.mkdir()
                 dirs.append(d)
             mem, cpu, pids = dirs[0], dirs[1], dirs[2]
@@ -175,9 +178,9 @@ class Cgroups:
         return out
 
 
-def detect(root: Path = ROOT) -> Cgroups:
+def detect(scope: str = "default", root: Path = ROOT) -> Cgroups:
     if (root / "cgroup.controllers").exists():
-        return Cgroups(2, root)
+        return Cgroups(2, root, scope)
     if (root / "memory").is_dir() or (root / "pids").is_dir():
-        return Cgroups(1, root)
+        return Cgroups(1, root, scope)
     raise CgroupError(f"no usable cgroup hierarchy at {root}")

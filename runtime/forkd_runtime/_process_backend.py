@@ -150,10 +150,15 @@ class ProcessBackend(Backend):
     name = "process"
 
     def __init__(self, store: TemplateStore | None = None, root: str | os.PathLike | None = None) -> None:
+        """``root``: this runtime's state directory; ``store``: where templates
+        come from (default: the same directory)."""
         self.state = state_dir(root)
         self.store = store or TemplateStore(self.state)
         self.run_dir = self.state / "run"
-        self.cgroups: Cgroups = detect()
+        # One cgroup scope per state directory: reconcile() must only ever
+        # clean up after this runtime, never another one on the same host.
+        scope = hashlib.sha256(str(self.state.resolve()).encode()).hexdigest()[:12]
+        self.cgroups: Cgroups = detect(scope)
         self._zygotes: dict[str, Zygote] = {}
         self._snapshots: dict[str, Snapshot] = {}
         self._children: dict[str, Child] = {}
