@@ -15,14 +15,14 @@ import os
 
 from forkd import protocol as p
 
+from ._server import hello_result, ping_result
+
 _LEN = 4
 
 
 def answer_until_needed(fd: int, sandbox_id: str) -> bytes | None:
     """Serve hello/ping on ``fd``; return the unanswered bytes (starting with the
     first frame needing the full agent), or None when the peer closed."""
-    from ._server import hello_result, ping_result
-
     raw = bytearray()
     while True:
         try:

@@ -68,19 +68,22 @@ def _b(s: str | bytes | None) -> bytes | None:
     return s.encode() if isinstance(s, str) else s
 
 
+_clone_args: dict[int, tuple] = {}
+
+
 def clone(flags: int) -> int:
     """fork() into new namespaces in one step: with CLONE_NEWPID the child is PID 1
     of its namespace without a second fork. Python's own fork hooks run around it
     (PyOS_BeforeFork / AfterFork), exactly as os.fork() would."""
+    # The argument objects are made once: every object the zygote creates or
+    # touches per fork is a page copied (and then owned by one child).
+    args = _clone_args.get(flags)
+    if args is None:
+        null = ctypes.c_void_p(0)
+        args = (ctypes.c_long(SYS_clone), ctypes.c_ulong(flags | signal.SIGCHLD), null, null, null, ctypes.c_ulong(0))
+        _clone_args[flags] = args
     _papi.PyOS_BeforeFork()
-    pid = libc.syscall(
-        ctypes.c_long(SYS_clone),
-        ctypes.c_ulong(flags | signal.SIGCHLD),
-        ctypes.c_void_p(0),
-        ctypes.c_void_p(0),
-        ctypes.c_void_p(0),
-        ctypes.c_ulong(0),
-    )
+    pid = libc.syscall(*args)
     if pid == 0:
         _papi.PyOS_AfterFork_Child()
     else:

@@ -19,6 +19,7 @@ per packet; the ``fork`` response carries the children's channel fds (SCM_RIGHTS
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -31,6 +32,8 @@ import time
 from forkd import protocol as p
 
 from . import _linux as L
+from ._lazy import answer_until_needed
+from ._server import Agent, serve_fd
 
 log = logging.getLogger("forkd.zygote")
 
@@ -98,6 +101,9 @@ class Zygote:
         # touching (and so copying) their pages.
         gc.collect()
         gc.freeze()
+        # Every mapped anonymous page costs page-table copying in each fork:
+        # hand free heap back to the kernel first.
+        L.libc.malloc_trim(0)
         # Children are reaped by the kernel: their status matters to nobody (the
         # runtime watches each child's channel), and zombies must not pile up.
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
@@ -271,28 +277,24 @@ def _setup_sandbox(spec: dict, seccomp: bytes | None) -> None:
 
 
 def _serve(spec: dict, warm: dict) -> None:
-    from ._lazy import answer_until_needed
-
+    sandbox_id = spec.get("sandbox_id") or spec["id"]
+    pending = answer_until_needed(3, sandbox_id)
+    if pending is None:
+        return
+    # Only now can user code run: diverge from the parent's PRNG state (a fork
+    # clones it). Doing it earlier would copy ~1 MiB of pages in every child
+    # that is never used.
     entropy = spec.get("entropy") or os.urandom(32)
-    # A fork clones the parent's PRNG state: every child must diverge.
     random.seed(entropy)
     if "numpy" in sys.modules:
         try:
             sys.modules["numpy"].random.seed(int.from_bytes(entropy[:4], "little"))
         except Exception:
             pass
-    sandbox_id = spec.get("sandbox_id") or spec["id"]
-    pending = answer_until_needed(3, sandbox_id)
-    if pending is None:
-        return
     run_agent(sandbox_id, warm, pending)
 
 
 def run_agent(sandbox_id: str, warm: dict, pending: bytes = b"", fd: int = 3) -> None:
-    import asyncio
-
-    from ._server import Agent, serve_fd
-
     os.environ["HOSTNAME"] = socket.gethostname()
 
     async def main() -> None:

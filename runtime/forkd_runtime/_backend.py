@@ -61,7 +61,9 @@ class Child:
     conn: Connection
     options: SpawnOptions
     created_at: float = field(default_factory=time.time)
-    # Backend-private handle (cgroup, layer paths, pidfd...).
+    # time.monotonic() when the child first answered its agent (set by the backend)
+    ready_at: float = 0.0
+    # Backend-private handle (cgroup, pidfd...).
     handle: Any = None
 
     @property

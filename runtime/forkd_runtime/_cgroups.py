@@ -165,6 +165,21 @@ class Cgroups:
             raise CgroupError(f"cannot create cgroup {name}: {exc}") from None
         return Cgroup(self, name, dirs)
 
+    def remove_scope(self) -> bool:
+        """Remove this scope's own directories once no sandbox cgroup is left in
+        them, so that a closed runtime leaves nothing in the host's hierarchy.
+        False if one is still busy; the next ``prepare()`` recreates them."""
+        ok = True
+        for parent in self._parents():
+            try:
+                parent.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                ok = False
+        self._prepared = False
+        return ok
+
     def existing(self) -> list[Cgroup]:
         """forkd cgroups present now (after a crash: leftovers)."""
         names: set[str] = set()

@@ -334,6 +334,7 @@ class ProcessBackend(Backend):
             conn.start()
             conn.add_close_callback(lambda _c: self._on_channel_closed(child))
             await conn.request("ping", {}, timeout=30)
+            child.ready_at = time.monotonic()
         except BaseException as exc:
             await self.kill(child)
             raise SpawnError(f"{cid}: did not come up: {exc}") from None

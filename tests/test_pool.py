@@ -1,0 +1,221 @@
+"""The warm pool against the real process backend: take() hands out ready children without forking,
+refills in the background, honours max_total, never hands out a dead child, and close() kills everything."""
+
+import asyncio
+import os
+import signal
+
+import pytest
+from forkd.protocol import ErrorCode, RpcError
+from forkd_runtime._backend import SpawnError
+from forkd_runtime._pool import PoolBusy, WarmPool
+
+
+class CountingSpawn:
+    """Wraps the backend's spawn to record every call (and optionally fail)."""
+
+    def __init__(self, backend, pool_ref=None):
+        self.inner = backend.spawn
+        self.calls: list[int] = []
+        self.fail: Exception | None = None
+        self.max_seen_total = 0
+        self.pool_ref = pool_ref
+        backend.spawn = self
+
+    async def __call__(self, snapshot, n, options=None):
+        self.calls.append(n)
+        if self.pool_ref is not None and self.pool_ref():
+            s = self.pool_ref().stats()
+            self.max_seen_total = max(self.max_seen_total, s.ready + s.in_use + s.spawning)
+        if self.fail is not None:
+            raise self.fail
+        return await self.inner(snapshot, n, options)
+
+    @property
+    def children(self) -> int:
+        return sum(self.calls)
+
+
+async def _pool(backend, **kw) -> WarmPool:
+    snap = await backend.prepare("base")
+    return WarmPool(backend, snap, **kw)
+
+
+async def _answers(child) -> str:
+    info = await child.conn.request("info", timeout=10)
+    return info["hostname"]
+
+
+async def test_take_hands_out_a_ready_child_without_forking(process_backend):
+    spawn = CountingSpawn(process_backend)
+    pool = await _pool(process_backend, min_ready=2, max_total=4)
+    await pool.start()
+    try:
+        assert pool.stats().ready == 2
+        ready_ids = {c.id for c in process_backend.children()}
+        calls, spawned = len(spawn.calls), pool.stats().spawned_total
+
+        child = await pool.take()
+
+        assert len(spawn.calls) == calls  # no fork during take()
+        assert pool.stats().spawned_total == spawned
+        assert child.id in ready_ids
+        assert child.alive
+        assert await _answers(child) == child.id
+        s = pool.stats()
+        assert (s.in_use, s.taken_total) == (1, 1)
+    finally:
+        await pool.close()
+
+
+async def test_refills_to_min_ready_after_takes(process_backend):
+    pool = await _pool(process_backend, min_ready=2, max_total=6, batch=2)
+    await pool.start()
+    try:
+        taken = [await pool.take(), await pool.take()]
+        assert await pool.wait_ready(2, timeout=30)
+        s = pool.stats()
+        assert (s.ready, s.in_use, s.spawned_total, s.failures) == (2, 2, 4, 0)
+        # The refilled ones are new children, not the ones handed out.
+        assert {c.id for c in process_backend.children()} >= {c.id for c in taken}
+        assert len(process_backend.children()) == 4
+        # Releasing kills the child and frees its place; the ready set stays at min_ready.
+        await pool.release(taken[0])
+        assert not taken[0].alive
+        assert taken[0] not in process_backend.children()
+        assert pool.stats().in_use == 1
+        assert await _answers(taken[1]) == taken[1].id
+    finally:
+        await pool.close()
+
+
+async def test_max_total_is_honoured(process_backend):
+    pool = None
+    spawn = CountingSpawn(process_backend, lambda: pool)
+    pool = await _pool(process_backend, min_ready=1, max_total=2)
+    await pool.start()
+    try:
+        a = await pool.take()  # the ready one
+        b = await pool.take()  # ready (refilled) or forked on demand: capacity remains
+        assert a.id != b.id
+        await asyncio.sleep(0.05)  # give the refill task a chance to (wrongly) fork a third
+        s = pool.stats()
+        assert s.ready + s.in_use + s.spawning <= 2
+        assert spawn.children <= 2 and len(process_backend.children()) == 2
+
+        with pytest.raises(PoolBusy) as err:
+            await pool.take()
+        assert err.value.code is ErrorCode.SERVICE_BUSY
+        assert "in use" in err.value.message
+
+        # A taker that waits gets the place freed by a release.
+        waiter = asyncio.ensure_future(pool.take(timeout=30))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        await pool.release(a)
+        c = await waiter
+        assert c.id not in (a.id, b.id) and c.alive
+        assert spawn.max_seen_total <= 2
+        assert len(process_backend.children()) <= 2
+    finally:
+        await pool.close()
+
+
+async def test_dead_ready_child_is_not_handed_out(process_backend):
+    pool = await _pool(process_backend, min_ready=2, max_total=4, refresh_identity=False)
+    await pool.start()
+    try:
+        victims = process_backend.children()
+        assert len(victims) == 2
+        for v in victims:
+            os.kill(v.pid, signal.SIGKILL)
+        for v in victims:
+            await asyncio.wait_for(v.conn.wait_closed(), 10)
+        child = await pool.take()
+        assert child.id not in {v.id for v in victims}
+        assert await _answers(child) == child.id
+        assert pool.stats().failures == 2
+    finally:
+        await pool.close()
+
+
+async def test_handed_out_child_that_dies_frees_its_place(process_backend):
+    pool = await _pool(process_backend, min_ready=1, max_total=1)
+    await pool.start()
+    try:
+        child = await pool.take()
+        with pytest.raises(PoolBusy):
+            await pool.take()
+        os.kill(child.pid, signal.SIGKILL)
+        await asyncio.wait_for(child.conn.wait_closed(), 10)
+        assert pool.stats().in_use == 0
+        other = await pool.take(timeout=30)
+        assert other.id != child.id and await _answers(other) == other.id
+    finally:
+        await pool.close()
+
+
+async def test_concurrent_takes_get_distinct_children(process_backend):
+    pool = await _pool(process_backend, min_ready=3, max_total=8)
+    await pool.start()
+    try:
+        kids = await asyncio.gather(*(pool.take() for _ in range(5)))  # 3 ready + 2 on demand
+        assert len({k.id for k in kids}) == 5
+        assert [await _answers(k) for k in kids] == [k.id for k in kids]
+        assert pool.stats().in_use == 5
+    finally:
+        await pool.close()
+
+
+async def test_close_kills_everything(process_backend):
+    pool = await _pool(process_backend, min_ready=2, max_total=5)
+    await pool.start()
+    taken = await pool.take()
+    await pool.wait_ready(2, timeout=30)
+    assert len(process_backend.children()) == 3
+    await pool.close()
+    assert process_backend.children() == []
+    assert not taken.alive
+    s = pool.stats()
+    assert (s.ready, s.in_use, s.spawning) == (0, 0, 0)
+    with pytest.raises(RpcError) as err:
+        await pool.take()
+    assert err.value.code is ErrorCode.SANDBOX and "closed" in err.value.message
+
+
+async def test_close_while_refilling_leaves_nothing(process_backend):
+    pool = await _pool(process_backend, min_ready=4, max_total=4)
+    await pool.start(wait=False)
+    await asyncio.sleep(0)  # the refill task is now inside spawn()
+    await pool.close()
+    assert process_backend.children() == []
+
+
+async def test_spawn_failures_are_reported_and_do_not_spin(process_backend):
+    spawn = CountingSpawn(process_backend)
+    spawn.fail = SpawnError("zygote exploded")
+    pool = await _pool(process_backend, min_ready=1, max_total=2)
+    with pytest.raises(RpcError) as err:
+        await pool.start()
+    assert "zygote exploded" in err.value.message
+    try:
+        with pytest.raises(RpcError) as err:
+            await pool.take()  # nothing ready: on demand, which fails too
+        assert err.value.code is ErrorCode.SANDBOX and "zygote exploded" in err.value.message
+        await asyncio.sleep(0.3)
+        assert len(spawn.calls) < 10  # backs off instead of looping
+        assert pool.stats().failures >= 2
+
+        spawn.fail = None  # the backend recovers: so does the pool
+        assert await pool.wait_ready(1, timeout=30)
+        assert await _answers(await pool.take())
+    finally:
+        await pool.close()
+    assert process_backend.children() == []
+
+
+async def test_bad_sizes_are_refused(process_backend):
+    snap = await process_backend.prepare("base")
+    for kw in ({"min_ready": 3, "max_total": 2}, {"min_ready": -1, "max_total": 2}, {"min_ready": 0, "max_total": 0}):
+        with pytest.raises(ValueError):
+            WarmPool(process_backend, snap, **kw)
