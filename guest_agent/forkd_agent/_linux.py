@@ -80,7 +80,14 @@ def clone(flags: int) -> int:
     args = _clone_args.get(flags)
     if args is None:
         null = ctypes.c_void_p(0)
-        args = (ctypes.c_long(SYS_clone), ctypes.c_ulong(flags | signal.SIGCHLD), null, null, null, ctypes.c_ulong(0))
+        args = (
+            ctypes.c_long(SYS_clone),
+            ctypes.c_ulong(flags | signal.SIGCHLD),
+            null,
+            null,
+            null,
+            ctypes.c_ulong(0),
+        )
         _clone_args[flags] = args
     _papi.PyOS_BeforeFork()
     pid = libc.syscall(*args)

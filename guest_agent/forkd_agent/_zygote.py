@@ -48,7 +48,7 @@ LAYER_DIR = "/opt/forkd/run"
 DEFAULT_DISK_MB = 1024
 LOWER_DIR = "/opt/forkd/lower"  # the template again, as the overlay's lower layer
 LIB_DIR = "/opt/forkd/lib"  # forkd's own code, read-only
-DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+CHILD_DEV = "/tmp/dev"  # prepared by the launcher
 MAX_PACKET = 1 << 20
 NETNS_POOL = 64
 TIMING = {"dirs": 0.0, "clone": 0.0}
@@ -240,23 +240,14 @@ def _setup_sandbox(spec: dict, seccomp: bytes | None) -> None:
         f"lowerdir={LOWER_DIR},upperdir={layer}/upper,workdir={layer}/work,userxattr",
     )
     L.mount("proc", f"{root}/proc", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
-    L.mount("tmpfs", f"{root}/dev", "tmpfs", L.MS_NOSUID | L.MS_NOEXEC, "mode=755,size=64k")
-    for name in DEV_NODES:
-        target = f"{root}/dev/{name}"
-        os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o666))
-        L.mount(f"/dev/{name}", target, None, L.MS_BIND)
-    os.mkdir(f"{root}/dev/pts")
+    # /dev: the launcher's prepared read-only skeleton, plus a private devpts and shm.
+    L.mount(CHILD_DEV, f"{root}/dev", None, L.MS_BIND | L.MS_REC)
     L.mount(
         "devpts", f"{root}/dev/pts", "devpts", L.MS_NOSUID | L.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620"
     )
-    os.symlink("pts/ptmx", f"{root}/dev/ptmx")
-    os.mkdir(f"{root}/dev/shm", 0o1777)
     L.mount("tmpfs", f"{root}/dev/shm", "tmpfs", L.MS_NOSUID | L.MS_NODEV, "mode=1777")
-    for i, name in enumerate(("stdin", "stdout", "stderr")):
-        os.symlink(f"/proc/self/fd/{i}", f"{root}/dev/{name}")
-    os.symlink("/proc/self/fd", f"{root}/dev/fd")
+    # forkd's own code (read-only in the zygote already, and locked so here).
     L.mount(LIB_DIR, f"{root}{LIB_DIR}", None, L.MS_BIND | L.MS_REC)
-    L.mount(None, f"{root}{LIB_DIR}", None, L.MS_BIND | L.MS_REMOUNT | L.MS_RDONLY | L.MS_NOSUID | L.MS_NODEV)
     os.chdir(root)
     # Stack the new root over the old one and detach the old: no path leads back.
     L.pivot_root(".", ".")

@@ -36,7 +36,7 @@ from forkd import protocol as p
 from forkd._connection import Connection
 from forkd._transports import StreamTransport
 
-from ._backend import Backend, Child, Snapshot, SpawnError, SpawnOptions
+from ._backend import Backend, Child, Limits, Snapshot, SpawnError, SpawnOptions
 from ._cgroups import Cgroup, Cgroups, detect
 from ._seccomp import filter_file
 from ._state import state_dir
@@ -50,6 +50,7 @@ log = logging.getLogger("forkd.runtime.process")
 UID_BASE = 524288
 CHUNK = 16
 MAX_PACKET = 1 << 20
+CGROUP_STOCK = 32
 
 
 def _copy_lib(dest_root: Path) -> Path:
@@ -164,6 +165,11 @@ class ProcessBackend(Backend):
         self._children: dict[str, Child] = {}
         self._lock_fd: int | None = None
         self._started = False
+        # Cgroups made ahead of time, per limits: creating one costs ~10 system
+        # calls, so bursts of spawns take them from here and a background task
+        # tops the stock up while the host is idle.
+        self._cg_stock: dict[Limits, list[Cgroup]] = {}
+        self._cg_refill: asyncio.Task | None = None
 
     # -- lifecycle --
     async def start(self) -> None:
@@ -206,7 +212,13 @@ class ProcessBackend(Backend):
         return removed
 
     async def close(self) -> None:
+        if self._cg_refill is not None:
+            self._cg_refill.cancel()
         await asyncio.gather(*(self.kill(c) for c in list(self._children.values())), return_exceptions=True)
+        for stock in self._cg_stock.values():
+            for cg in stock:
+                cg.remove()
+        self._cg_stock.clear()
         for z in list(self._zygotes.values()):
             await z.close()
         self._zygotes.clear()
@@ -232,6 +244,7 @@ class ProcessBackend(Backend):
             meta={"digest": tpl.digest, "warm": z.info.get("warm"), "start_s": time.perf_counter() - t0},
         )
         self._snapshots[template] = snap
+        self._refill_cgroups(Limits())
         return snap
 
     async def _launch(self, tpl: Template) -> Zygote:
@@ -310,6 +323,7 @@ class ProcessBackend(Backend):
         outcomes = await asyncio.gather(*pings, return_exceptions=True)
         children = [c for c in outcomes if isinstance(c, Child)]
         errors.extend(str(e) for e in outcomes if isinstance(e, BaseException))
+        self._refill_cgroups(options.limits)
         if errors:
             log.warning("%d of %d children failed: %s", len(errors), n, errors[:3])
         if not children and n:
@@ -328,7 +342,7 @@ class ProcessBackend(Backend):
         self._children[cid] = child
         try:
             # Limits before the child is handed out: nothing but our agent has run in it yet.
-            cgroup = self.cgroups.create(cid, options.limits)
+            cgroup = self._take_cgroup(options.limits)
             handle.cgroup = cgroup
             cgroup.add(pid)
             conn.start()
@@ -339,6 +353,25 @@ class ProcessBackend(Backend):
             await self.kill(child)
             raise SpawnError(f"{cid}: did not come up: {exc}") from None
         return child
+
+    def _take_cgroup(self, limits: Limits) -> Cgroup:
+        stock = self._cg_stock.get(limits)
+        if stock:
+            return stock.pop()
+        return self.cgroups.create(f"cg-{uuid.uuid4().hex[:12]}", limits)
+
+    def _refill_cgroups(self, limits: Limits) -> None:
+        if self._cg_refill is None or self._cg_refill.done():
+            self._cg_refill = asyncio.ensure_future(self._refill_loop(limits))
+
+    async def _refill_loop(self, limits: Limits) -> None:
+        stock = self._cg_stock.setdefault(limits, [])
+        try:
+            while len(stock) < CGROUP_STOCK and self._started:
+                stock.append(self.cgroups.create(f"cg-{uuid.uuid4().hex[:12]}", limits))
+                await asyncio.sleep(0)  # one at a time: never delay a spawn for long
+        except Exception:
+            log.exception("cannot stock cgroups")
 
     def _on_channel_closed(self, child: Child) -> None:
         # The sandbox died (or was killed): release its resources.
