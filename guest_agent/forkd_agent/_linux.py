@@ -64,6 +64,9 @@ def _fail(what: str) -> OSError:
     return OSError(err, f"{what}: {os.strerror(err)}")
 
 
+last_error = _fail
+
+
 def _b(s: str | bytes | None) -> bytes | None:
     return s.encode() if isinstance(s, str) else s
 
@@ -71,10 +74,16 @@ def _b(s: str | bytes | None) -> bytes | None:
 _clone_args: dict[int, tuple] = {}
 
 
-def clone(flags: int) -> int:
+def clone(flags: int, python_hooks: bool = True) -> int:
     """fork() into new namespaces in one step: with CLONE_NEWPID the child is PID 1
-    of its namespace without a second fork. Python's own fork hooks run around it
-    (PyOS_BeforeFork / AfterFork), exactly as os.fork() would."""
+    of its namespace without a second fork.
+
+    With ``python_hooks`` Python's own fork hooks run around it (PyOS_BeforeFork /
+    AfterFork), exactly as os.fork() would. Without them the child skips the
+    interpreter's re-initialisation and the at-fork callbacks of threading,
+    logging and random — which in a child that only waits costs ~700 KiB of
+    copied pages. That is only sound in a process with a single thread holding
+    no locks (the zygote), and the caller must reseed PRNGs itself."""
     # The argument objects are made once: every object the zygote creates or
     # touches per fork is a page copied (and then owned by one child).
     args = _clone_args.get(flags)
@@ -89,6 +98,12 @@ def clone(flags: int) -> int:
             ctypes.c_ulong(0),
         )
         _clone_args[flags] = args
+    if not python_hooks:
+        pid = libc.syscall(*args)
+        if pid < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"clone: {os.strerror(err)}")
+        return pid
     _papi.PyOS_BeforeFork()
     pid = libc.syscall(*args)
     if pid == 0:
@@ -148,13 +163,23 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
+class SeccompProgram:
+    """A classic-BPF seccomp filter (raw ``struct sock_filter`` array), ready to
+    install: built once, installed by many processes."""
+
+    def __init__(self, bpf: bytes) -> None:
+        if len(bpf) % 8:
+            raise ValueError("seccomp program must be a whole number of 8-byte instructions")
+        self._buf = ctypes.create_string_buffer(bpf, len(bpf))
+        self._prog = _SockFprog(len(bpf) // 8, ctypes.cast(self._buf, ctypes.c_void_p))
+        self._ptr = ctypes.cast(ctypes.pointer(self._prog), ctypes.c_void_p)
+
+    def install(self) -> None:
+        prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, self._ptr)
+
+
 def install_seccomp(bpf: bytes) -> None:
-    """Install a classic-BPF seccomp filter (raw ``struct sock_filter`` array)."""
-    if len(bpf) % 8:
-        raise ValueError("seccomp program must be a whole number of 8-byte instructions")
-    buf = ctypes.create_string_buffer(bpf, len(bpf))
-    prog = _SockFprog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.cast(ctypes.pointer(prog), ctypes.c_void_p))
+    SeccompProgram(bpf).install()
 
 
 class _MountAttr(ctypes.Structure):

@@ -20,6 +20,7 @@ per packet; the ``fork`` response carries the children's channel fds (SCM_RIGHTS
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import os
@@ -90,8 +91,12 @@ class Zygote:
     ) -> None:
         self.control = control
         self.warm = warm
-        self.seccomp = seccomp
+        self.plan = ChildPlan(seccomp)
         self.netns = NetnsPool(netns_pool)
+        # Children point their stdout/stderr at our fd 0 once they are set up.
+        null = os.open("/dev/null", os.O_RDWR)
+        os.dup2(null, 0)
+        os.close(null)
 
     def serve(self) -> None:
         import select
@@ -184,10 +189,12 @@ class Zygote:
         else:
             L.setns(netns, L.CLONE_NEWNET)  # the child inherits whatever we are in
         try:
-            pid = L.clone(flags)
+            # Single-threaded, no locks held: the children can skip Python's
+            # post-fork hooks (they reseed PRNGs when the full agent starts).
+            pid = L.clone(flags, python_hooks=False)
             if pid == 0:  # the child: never returns
                 parent_end.close()
-                _child_main(child_end, spec, self)
+                _child_main(child_end, spec, self, netns is None)
         finally:
             if netns is not None:
                 L.setns(self.netns.home, L.CLONE_NEWNET)
@@ -198,7 +205,54 @@ class Zygote:
         return pid, parent_end.detach()
 
 
-def _child_main(channel: socket.socket, spec: dict, zygote: Zygote) -> None:
+class ChildPlan:
+    """Every argument a child's setup passes to the kernel, built once in the zygote.
+
+    Each object a child creates, or touches for the first time, costs it a
+    copied page (Python writes reference counts everywhere); children that sit
+    in a pool should own as few pages as possible. So the child only walks this
+    plan: no strings to format, no ctypes objects to make.
+    """
+
+    def __init__(self, seccomp: bytes | None) -> None:
+        c = ctypes.c_ulong
+        layer = LAYER_DIR
+        root = f"{layer}/merged"
+        self.private = (None, b"/", None, c(L.MS_REC | L.MS_PRIVATE), None)
+        self.layer = layer.encode()
+        self.layer_flags = c(L.MS_NOSUID | L.MS_NODEV)
+        self.subdirs = tuple(f"{layer}/{d}" for d in ("upper", "work", "merged"))
+        self.root = root
+        overlay = f"lowerdir={LOWER_DIR},upperdir={layer}/upper,workdir={layer}/work,userxattr"
+        self.mounts = (
+            (b"overlay", root.encode(), b"overlay", c(0), overlay.encode()),
+            (b"proc", f"{root}/proc".encode(), b"proc", c(L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC), None),
+            # /dev: the launcher's read-only skeleton, plus a private devpts and shm.
+            (CHILD_DEV.encode(), f"{root}/dev".encode(), None, c(L.MS_BIND | L.MS_REC), None),
+            (
+                b"devpts",
+                f"{root}/dev/pts".encode(),
+                b"devpts",
+                c(L.MS_NOSUID | L.MS_NOEXEC),
+                b"newinstance,ptmxmode=0666,mode=620",
+            ),
+            (b"tmpfs", f"{root}/dev/shm".encode(), b"tmpfs", c(L.MS_NOSUID | L.MS_NODEV), b"mode=1777"),
+            # forkd's own code (read-only in the zygote already, and locked so here).
+            (LIB_DIR.encode(), f"{root}{LIB_DIR}".encode(), None, c(L.MS_BIND | L.MS_REC), None),
+        )
+        self.dot = b"."
+        self.detach = ctypes.c_int(L.MNT_DETACH)
+        self.seccomp = L.SeccompProgram(seccomp) if seccomp else None
+        self._tmpfs: dict[int, bytes] = {}
+
+    def tmpfs_options(self, disk_mb: int) -> bytes:
+        opts = self._tmpfs.get(disk_mb)
+        if opts is None:
+            opts = self._tmpfs[disk_mb] = f"size={disk_mb}m,mode=0755".encode()
+        return opts
+
+
+def _child_main(channel: socket.socket, spec: dict, zygote: Zygote, fresh_netns: bool) -> None:
     code = 0
     try:
         # Drop everything inherited but the channel, before anything can fail.
@@ -207,9 +261,7 @@ def _child_main(channel: socket.socket, spec: dict, zygote: Zygote) -> None:
             os.dup2(fd, 3)
             channel.close()
         os.closerange(4, 1 << 16)
-        zygote.control = None
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        _setup_sandbox(spec, zygote.seccomp)
+        _setup_sandbox(spec, zygote.plan, fresh_netns)
         _serve(spec, zygote.warm)
     except BaseException as exc:
         code = 71
@@ -224,47 +276,33 @@ def _child_main(channel: socket.socket, spec: dict, zygote: Zygote) -> None:
     os._exit(code)
 
 
-def _setup_sandbox(spec: dict, seccomp: bytes | None) -> None:
-    L.mount(None, "/", None, L.MS_REC | L.MS_PRIVATE)
-    layer = LAYER_DIR
-    disk_mb = int(spec.get("disk_mb") or DEFAULT_DISK_MB)
-    L.mount("tmpfs", layer, "tmpfs", L.MS_NOSUID | L.MS_NODEV, f"size={disk_mb}m,mode=0755")
-    for sub in ("upper", "work", "merged"):
-        os.mkdir(f"{layer}/{sub}", 0o755)
-    root = f"{layer}/merged"
-    L.mount(
-        "overlay",
-        root,
-        "overlay",
-        0,
-        f"lowerdir={LOWER_DIR},upperdir={layer}/upper,workdir={layer}/work,userxattr",
-    )
-    L.mount("proc", f"{root}/proc", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
-    # /dev: the launcher's prepared read-only skeleton, plus a private devpts and shm.
-    L.mount(CHILD_DEV, f"{root}/dev", None, L.MS_BIND | L.MS_REC)
-    L.mount(
-        "devpts", f"{root}/dev/pts", "devpts", L.MS_NOSUID | L.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620"
-    )
-    L.mount("tmpfs", f"{root}/dev/shm", "tmpfs", L.MS_NOSUID | L.MS_NODEV, "mode=1777")
-    # forkd's own code (read-only in the zygote already, and locked so here).
-    L.mount(LIB_DIR, f"{root}{LIB_DIR}", None, L.MS_BIND | L.MS_REC)
-    os.chdir(root)
+def _setup_sandbox(spec: dict, plan: ChildPlan, fresh_netns: bool) -> None:
+    mount = L.libc.mount
+    if mount(*plan.private):
+        raise L.last_error("make / private")
+    disk_mb = spec.get("disk_mb") or DEFAULT_DISK_MB
+    if mount(b"tmpfs", plan.layer, b"tmpfs", plan.layer_flags, plan.tmpfs_options(disk_mb)):
+        raise L.last_error("mount the writable layer")
+    for d in plan.subdirs:
+        os.mkdir(d, 0o755)
+    for args in plan.mounts:
+        if mount(*args):
+            raise L.last_error(f"mount {args[1]!r}")
+    os.chdir(plan.root)
     # Stack the new root over the old one and detach the old: no path leads back.
-    L.pivot_root(".", ".")
-    L.umount2(".", L.MNT_DETACH)
+    if L.libc.syscall(L.SYS_pivot_root, plan.dot, plan.dot) or L.libc.umount2(plan.dot, plan.detach):
+        raise L.last_error("pivot_root")
     os.chdir("/")
-    hostname = spec.get("hostname") or spec["id"][:63]
-    socket.sethostname(hostname)
-    L.set_loopback_up()  # already up for a pooled namespace; cheap either way
-    # The agent's own stdio pointed at the zygote's log (a host file): a sandbox
-    # must not be able to read or write it through /proc/1/fd.
-    null = os.open("/dev/null", os.O_RDWR)
-    for i in (0, 1, 2):
-        os.dup2(null, i)
-    os.close(null)
+    socket.sethostname(spec.get("hostname") or spec["id"][:63])
+    if fresh_netns:  # pooled namespaces come with loopback up
+        L.set_loopback_up()
+    # The agent's stdout/stderr pointed at the zygote's log (a host file): a
+    # sandbox must not reach it through /proc/1/fd. fd 0 is /dev/null (the zygote's).
+    os.dup2(0, 1)
+    os.dup2(0, 2)
     L.set_no_new_privs()
-    if seccomp:
-        L.install_seccomp(seccomp)
+    if plan.seccomp is not None:
+        plan.seccomp.install()
 
 
 def _serve(spec: dict, warm: dict) -> None:
