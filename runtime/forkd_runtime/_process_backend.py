@@ -284,6 +284,17 @@ class ProcessBackend(Backend):
             raise SpawnError(f"zygote for {tpl.name} did not start: {exc}\n{tail}") from None
         return z
 
+    async def settle(self, template: str, timeout: float = 10.0) -> dict:
+        """Wait until the template's zygote has finished its idle-time
+        preparations (network namespaces made ahead); returns its status."""
+        z = self._zygotes[template]
+        deadline = time.monotonic() + timeout
+        while True:
+            status, _ = await z.request("ping", {})
+            if status.get("netns_ready", 0) >= status.get("netns_target", 0) or time.monotonic() > deadline:
+                return status
+            await asyncio.sleep(0.1)
+
     # -- children --
     def children(self) -> list[Child]:
         return list(self._children.values())
