@@ -95,8 +95,30 @@ def scope_dirs(backend) -> list[Path]:
     return backend.cgroups._parents()
 
 
-def child_cgroup_dirs(backend, child_id: str) -> list[Path]:
-    return [d / child_id for d in scope_dirs(backend)]
+def cgroup_dirs_of(pid: int, root: Path = CGROUP_ROOT) -> dict[str, Path]:
+    """The forkd cgroup directories that hold host process ``pid``, by
+    controller ("" for the single cgroup v2 tree), read from /proc/<pid>/cgroup
+    whatever the backend named them."""
+    mounts = {tuple(d.name.split(",")): d for d in root.iterdir() if d.is_dir()}
+    out = {}
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if not path.startswith("/forkd/"):
+                continue
+            if not controllers:
+                out[""] = root / path.lstrip("/")
+                continue
+            for c in controllers.split(","):
+                out[c] = mounts[tuple(controllers.split(","))] / path.lstrip("/")
+    return out
+
+
+def cgroup_file(pid: int, controller: str, name: str) -> str:
+    """A cgroup file of ``controller`` for host process ``pid`` (v1 or v2)."""
+    dirs = cgroup_dirs_of(pid)
+    d = dirs.get(controller) or dirs[""]
+    return (d / name).read_text().strip()
 
 
 def mountinfo() -> list[str]:

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from process_helpers import check, child_cgroup_dirs, descendants, host_pids, mountinfo, scope_dirs
+from process_helpers import cgroup_dirs_of, check, descendants, host_pids, mountinfo, scope_dirs
 
 from forkd_runtime._process_backend import ProcessBackend
 
@@ -78,9 +78,9 @@ async def test_kill_releases_everything_the_child_had(process_backend, tmp_path)
     snap = await process_backend.prepare("base")
     a, b = await process_backend.spawn(snap, 2)
     pids = await _busy(a)
-    assert a.pid in pids and descendants(a.pid) >= pids - {a.pid}
-    cg_dirs = child_cgroup_dirs(process_backend, a.id)
-    assert all(d.is_dir() for d in cg_dirs)
+    assert a.pid in pids
+    cg_dirs = list(cgroup_dirs_of(a.pid).values())
+    assert cg_dirs and all(d.is_dir() for d in cg_dirs)
 
     await process_backend.kill(a)
     assert not a.alive
@@ -109,7 +109,7 @@ async def test_close_leaves_nothing_behind(template_store, tmp_path):
         for kid in kids[:2]:
             pids |= await _busy(kid)
         assert all(k.pid in pids for k in kids)
-        cg_dirs = [d for k in kids for d in child_cgroup_dirs(backend, k.id)]
+        cg_dirs = [d for k in kids for d in cgroup_dirs_of(k.pid).values()]
         scopes = scope_dirs(backend)
     finally:
         await backend.close()
@@ -125,11 +125,6 @@ async def test_close_leaves_nothing_behind(template_store, tmp_path):
     assert backend.children() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="close() leaves this runtime's empty cgroup scope dirs (/sys/fs/cgroup/*/forkd/<scope>) behind; "
-    "fix: call self.cgroups.remove_scope() at the end of ProcessBackend.close()",
-)
 async def test_close_removes_the_cgroup_scope(template_store, tmp_path):
     backend = ProcessBackend(store=template_store, root=tmp_path / "state")
     try:
@@ -154,7 +149,9 @@ async def main():
     # One child runs its full agent and a command; the others are still in their lazy loop.
     await kids[0].conn.request("exec.start", {"cmd": "exec sleep 501", "user": "root"})
     await kids[1].conn.request("info")
+    cgroups = [line.split(":", 2) for k in kids for line in open(f"/proc/{k.pid}/cgroup").read().splitlines()]
     print(json.dumps({"pids": [k.pid for k in kids], "ids": [k.id for k in kids],
+                      "cgroups": sorted({path for _, _, path in cgroups if path.startswith("/forkd/")}),
                       "launcher": backend._zygotes["base"].proc.pid}), flush=True)
     await asyncio.sleep(600)
 
@@ -192,11 +189,15 @@ async def test_recovery_after_the_runtime_is_killed(template_store, tmp_path):
 
     # A new runtime on the same state directory cleans up what the old one left.
     backend = ProcessBackend(store=template_store, root=state)
-    leftovers = [d for cid in started["ids"] for d in child_cgroup_dirs(backend, cid)]
+    scopes = scope_dirs(backend)
+    leftovers = [s / path.rsplit("/", 1)[1] for s in scopes for path in started["cgroups"]]
+    assert len(leftovers) >= 3 * len(scopes)
     assert all(d.is_dir() for d in leftovers)  # nobody else removes them
     try:
         await backend.start()
         assert not any(d.exists() for d in leftovers)
+        # Nothing at all of the old run is left in this runtime's scope.
+        assert [e for s in scopes if s.is_dir() for e in s.iterdir() if e.is_dir()] == []
         assert list((state / "run").iterdir()) == []
         assert list((state / "zygotes").iterdir()) == []
         kids = await backend.spawn(await backend.prepare("base"), 2)

@@ -222,6 +222,7 @@ class ProcessBackend(Backend):
         for z in list(self._zygotes.values()):
             await z.close()
         self._zygotes.clear()
+        self.cgroups.remove_scope()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
