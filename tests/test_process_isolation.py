@@ -14,9 +14,9 @@ import time
 import uuid
 
 import pytest
-from process_helpers import check, descendants, run
 
 from forkd_runtime._process_backend import UID_BASE
+from process_helpers import check, descendants, run
 
 
 async def _spawn(backend, n: int):

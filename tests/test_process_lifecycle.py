@@ -14,9 +14,9 @@ import sys
 import time
 
 import pytest
-from process_helpers import cgroup_dirs_of, check, descendants, host_pids, mountinfo, scope_dirs
 
 from forkd_runtime._process_backend import ProcessBackend
+from process_helpers import cgroup_dirs_of, check, descendants, host_pids, mountinfo, scope_dirs
 
 # What a closed backend may leave in its state directory: the lock file, the
 # zygote log, the content-addressed copy of forkd's code, and empty run/stage dirs.

@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 import os
 
-from process_helpers import cgroup_dirs_of, cgroup_file, check, descendants, host_pids, run
-
 from forkd_runtime._backend import Limits, SpawnOptions
+from process_helpers import cgroup_dirs_of, cgroup_file, check, descendants, host_pids, run
 
 SMALL = Limits(memory_mb=64, pids=32, disk_mb=8, cpus=0.5)
 

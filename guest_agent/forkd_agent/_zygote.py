@@ -304,6 +304,11 @@ def _setup_sandbox(spec: dict, plan: ChildPlan, fresh_netns: bool) -> None:
     socket.sethostname(spec.get("hostname") or spec["id"][:63])
     if fresh_netns:  # pooled namespaces come with loopback up
         L.set_loopback_up()
+    resolv = spec.get("resolv_conf")
+    if resolv:  # internet access: the host's upstream resolvers
+        fd = os.open("/etc/resolv.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, resolv)
+        os.close(fd)
     # The agent's stdout/stderr pointed at the zygote's log (a host file): a
     # sandbox must not reach it through /proc/1/fd. fd 0 is /dev/null (the zygote's).
     os.dup2(0, 1)

@@ -38,6 +38,7 @@ from forkd._transports import StreamTransport
 
 from ._backend import Backend, Child, Limits, Snapshot, SpawnError, SpawnOptions
 from ._cgroups import Cgroup, Cgroups, detect
+from ._network import NetHandle, NetworkManager
 from ._seccomp import filter_file
 from ._state import state_dir
 from ._templates import Template, TemplateStore
@@ -144,6 +145,7 @@ class Zygote:
 class _Handle:
     cgroup: Cgroup | None
     pidfd: int
+    net: NetHandle | None = None
     killed: bool = False
 
 
@@ -170,6 +172,11 @@ class ProcessBackend(Backend):
         # tops the stock up while the host is idle.
         self._cg_stock: dict[Limits, list[Cgroup]] = {}
         self._cg_refill: asyncio.Task | None = None
+        # Internet access is opt-in per sandbox; the bridge and rules are set up
+        # on first use. Names carry the scope so runtimes on one host never collide.
+        self._scope = scope
+        self.net: NetworkManager | None = None
+        self._net_lock = asyncio.Lock()
 
     # -- lifecycle --
     async def start(self) -> None:
@@ -202,6 +209,8 @@ class ProcessBackend(Backend):
             if entry.is_dir():
                 await asyncio.to_thread(shutil.rmtree, entry, True)
                 removed["layers"] += 1
+        if (self.state / "network.json").exists():
+            await self._network_manager().teardown()
         stages = self.state / "zygotes"
         if stages.is_dir():
             for entry in stages.iterdir():
@@ -219,6 +228,9 @@ class ProcessBackend(Backend):
             for cg in stock:
                 cg.remove()
         self._cg_stock.clear()
+        if self.net is not None:
+            await self.net.teardown()
+            self.net = None
         for z in list(self._zygotes.values()):
             await z.close()
         self._zygotes.clear()
@@ -302,8 +314,10 @@ class ProcessBackend(Backend):
 
     async def spawn(self, snapshot: Snapshot, n: int, options: SpawnOptions | None = None) -> list[Child]:
         options = options or SpawnOptions()
+        resolv_conf = b""
         if options.internet:
-            raise SpawnError("internet access is not available in this build of the process backend")
+            net = await self._network()
+            resolv_conf = "".join(f"nameserver {d}\n" for d in net.dns).encode()
         z = self._zygotes.get(snapshot.template)
         if z is None or not z.alive():
             snapshot = await self.prepare(snapshot.template)
@@ -324,6 +338,7 @@ class ProcessBackend(Backend):
                         "sandbox_id": cid,
                         "entropy": os.urandom(32),
                         "disk_mb": options.limits.disk_mb,
+                        "resolv_conf": resolv_conf,
                     }
                 )
             result, fds = await z.request("fork", {"children": specs})
@@ -357,6 +372,8 @@ class ProcessBackend(Backend):
             cgroup = self._take_cgroup(options.limits)
             handle.cgroup = cgroup
             cgroup.add(pid)
+            if options.internet:
+                handle.net = await self.net.attach(pid, pidfd=pidfd)
             conn.start()
             conn.add_close_callback(lambda _c: self._on_channel_closed(child))
             await conn.request("ping", {}, timeout=30)
@@ -365,6 +382,21 @@ class ProcessBackend(Backend):
             await self.kill(child)
             raise SpawnError(f"{cid}: did not come up: {exc}") from None
         return child
+
+    def _network_manager(self) -> NetworkManager:
+        return NetworkManager(
+            bridge=f"fk{self._scope[:7]}",
+            table=f"forkd_{self._scope}",
+            state_file=self.state / "network.json",
+        )
+
+    async def _network(self) -> NetworkManager:
+        async with self._net_lock:
+            if self.net is None:
+                net = self._network_manager()
+                await net.setup()
+                self.net = net
+            return self.net
 
     def _take_cgroup(self, limits: Limits) -> Cgroup:
         stock = self._cg_stock.get(limits)
@@ -401,6 +433,9 @@ class ProcessBackend(Backend):
         await child.conn.close("killed")
         await self._wait_exit(h.pidfd)
         os.close(h.pidfd)
+        if h.net is not None and self.net is not None:
+            # After the exit: the kernel is already tearing the namespace down.
+            await self.net.detach(h.net)
         if h.cgroup is not None:
             for _ in range(200):
                 h.cgroup.kill()
