@@ -6,6 +6,7 @@ import os
 import signal
 
 import pytest
+
 from forkd.protocol import ErrorCode, RpcError
 from forkd_runtime._backend import SpawnError
 from forkd_runtime._pool import PoolBusy, WarmPool
@@ -20,6 +21,9 @@ class CountingSpawn:
         self.fail: Exception | None = None
         self.max_seen_total = 0
         self.pool_ref = pool_ref
+        # When set: after the backend returned children, signal `spawned` and hold them until `release` is set.
+        self.spawned: asyncio.Event | None = None
+        self.release = asyncio.Event()
         backend.spawn = self
 
     async def __call__(self, snapshot, n, options=None):
@@ -29,7 +33,11 @@ class CountingSpawn:
             self.max_seen_total = max(self.max_seen_total, s.ready + s.in_use + s.spawning)
         if self.fail is not None:
             raise self.fail
-        return await self.inner(snapshot, n, options)
+        children = await self.inner(snapshot, n, options)
+        if self.spawned is not None:
+            self.spawned.set()
+            await self.release.wait()
+        return children
 
     @property
     def children(self) -> int:
@@ -184,11 +192,17 @@ async def test_close_kills_everything(process_backend):
 
 
 async def test_close_while_refilling_leaves_nothing(process_backend):
+    spawn = CountingSpawn(process_backend)
+    spawn.spawned = asyncio.Event()
     pool = await _pool(process_backend, min_ready=4, max_total=4)
     await pool.start(wait=False)
-    await asyncio.sleep(0)  # the refill task is now inside spawn()
-    await pool.close()
-    assert process_backend.children() == []
+    await asyncio.wait_for(spawn.spawned.wait(), 30)  # children exist; the pool has not got them yet
+    closing = asyncio.ensure_future(pool.close())
+    await asyncio.sleep(0.01)
+    assert not closing.done()  # close() waits for the spawn in flight...
+    spawn.release.set()
+    await closing
+    assert process_backend.children() == []  # ...and kills what it returned
 
 
 async def test_spawn_failures_are_reported_and_do_not_spin(process_backend):
@@ -216,6 +230,33 @@ async def test_spawn_failures_are_reported_and_do_not_spin(process_backend):
 
 async def test_bad_sizes_are_refused(process_backend):
     snap = await process_backend.prepare("base")
-    for kw in ({"min_ready": 3, "max_total": 2}, {"min_ready": -1, "max_total": 2}, {"min_ready": 0, "max_total": 0}):
+    for kw in (
+        {"min_ready": 3, "max_total": 2},
+        {"min_ready": -1, "max_total": 2},
+        {"min_ready": 0, "max_total": 0},
+    ):
         with pytest.raises(ValueError):
             WarmPool(process_backend, snap, **kw)
+
+
+async def test_cancelled_take_leaves_no_orphan(process_backend):
+    spawn = CountingSpawn(process_backend)
+    spawn.spawned = asyncio.Event()
+    pool = await _pool(process_backend, min_ready=0, max_total=2)
+    await pool.start()
+    try:
+        taker = asyncio.ensure_future(pool.take())  # nothing ready: forks on demand
+        await asyncio.wait_for(spawn.spawned.wait(), 30)
+        taker.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await taker
+        spawn.release.set()
+        for _ in range(500):  # the orphaned child is killed once its spawn returns
+            if not process_backend.children() and pool.stats().spawning == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert process_backend.children() == []
+        s = pool.stats()
+        assert (s.spawning, s.in_use, s.spawned_total) == (0, 0, 1)
+    finally:
+        await pool.close()
