@@ -162,15 +162,12 @@ def test_refuses_a_network_address_without_keys(tmp_path):
     assert "without API keys" in out.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ProcessBackend.close() SIGKILLs only the zygote's launcher; the zygote (the launcher's forked child) "
-    "is orphaned and exits on its own when its socket closes, so it can outlive close() and the gateway",
-)
 async def test_backend_close_kills_the_zygote(process_backend):
     await process_backend.prepare("base")
     (zygote,) = [
-        pid for pid in descendants(os.getpid()) if b"--zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        pid
+        for pid in descendants(os.getpid())
+        if b"forkd_agent\0--zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()  # not the launcher
     ]
     os.kill(zygote, signal.SIGSTOP)  # a zygote that is slow to notice its socket closing
     try:

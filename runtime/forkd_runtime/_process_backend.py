@@ -90,6 +90,8 @@ class Zygote:
         self.lock = asyncio.Lock()
         self.ids = iter(range(1, 1 << 62))
         self.info: dict = {}
+        # The zygote itself (the launcher's child), once it has answered.
+        self.pidfd: int | None = None
 
     async def request(self, method: str, params: dict, timeout: float = 30) -> tuple[dict, list[int]]:
         async with self.lock:
@@ -132,6 +134,11 @@ class Zygote:
     async def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+        if self.pidfd is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            os.close(self.pidfd)
+            self.pidfd = None
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
@@ -291,6 +298,7 @@ class ProcessBackend(Backend):
         z = Zygote(tpl, proc, ours, stage, zrun)
         try:
             z.info, _ = await z.request("ping", {}, timeout=60)
+            z.pidfd = os.pidfd_open(z.info["pid"])
         except (SpawnError, TimeoutError, OSError) as exc:
             await z.close()
             tail = (logs / f"zygote-{tpl.name}.log").read_text(errors="replace")[-2000:]

@@ -135,7 +135,7 @@ def enter_userns_and_exec(uid_base: int, argv: list[str], env: dict) -> None:
         try:
             os.close(ready_r)
             os.close(go_w)
-            L.set_parent_death_signal(signal.SIGKILL)
+            launcher = os.getppid()
             L.unshare(L.CLONE_NEWUSER)
             os.write(ready_w, b"1")
             if os.read(go_r, 1) != b"1":
@@ -143,6 +143,10 @@ def enter_userns_and_exec(uid_base: int, argv: list[str], env: dict) -> None:
             os.setresgid(0, 0, 0)
             os.setgroups([])
             os.setresuid(0, 0, 0)
+            # After the credential change, which clears it: die with the launcher.
+            L.set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != launcher:  # it died before the line above
+                os._exit(72)
             sys.stdout.flush()
             os.execve("/usr/bin/python3", argv, env)
         finally:
