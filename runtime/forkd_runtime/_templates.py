@@ -13,6 +13,7 @@ host's copy read-only at start, so changing forkd's code never forces a rebuild.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ __all__ = ["TemplateSpec", "Template", "TemplateStore", "TemplateError", "BUILTI
 
 BUILTIN_DIR = Path(__file__).with_name("templates")
 # Bump when the build steps change in a way that should rebuild every template.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 5
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # Mount points the backends need inside every template.
 MOUNT_POINTS = ("opt/forkd/run", "opt/forkd/lib", "opt/forkd/lower")
@@ -79,8 +80,15 @@ def _valid_name(name: str) -> bool:
     )
 
 
+KEYS = {"name", "extends", "packages", "pip", "warmup", "suite", "mirror", "env"}
+
+
 def load_spec(name_or_path: str, search: tuple[Path, ...] = (BUILTIN_DIR,)) -> TemplateSpec:
     """Load a definition by template name (from ``search``) or by file path."""
+    return _load_spec(name_or_path, tuple(search), ())
+
+
+def _load_spec(name_or_path: str, search: tuple[Path, ...], chain: tuple[Path, ...]) -> TemplateSpec:
     path = Path(name_or_path)
     if path.suffix != ".toml":
         if not _valid_name(name_or_path):
@@ -94,19 +102,35 @@ def load_spec(name_or_path: str, search: tuple[Path, ...] = (BUILTIN_DIR,)) -> T
             raise TemplateError(
                 f"no template named {name_or_path!r} (looked in {', '.join(map(str, search))})"
             )
+    if path.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path.resolve()))
+        raise TemplateError(f"template definitions extend each other in a cycle: {cycle}")
+    chain = (*chain, path.resolve())
     try:
         raw = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise TemplateError(f"cannot read template definition {path}: {exc}") from None
+    unknown = set(raw) - KEYS
+    if unknown:
+        raise TemplateError(
+            f"unknown keys in {path}: {', '.join(sorted(unknown))} (allowed: {', '.join(sorted(KEYS))})"
+        )
+    for key in ("name", "extends", "warmup", "suite", "mirror"):
+        if key in raw and not isinstance(raw[key], str):
+            raise TemplateError(f"'{key}' in {path} must be a string, not {type(raw[key]).__name__}")
+    for key in ("packages", "pip"):
+        value = raw.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise TemplateError(f"'{key}' in {path} must be a list of non-empty strings")
+    env = raw.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise TemplateError(f"'env' in {path} must be a table of strings")
     name = raw.get("name") or path.stem
     if not _valid_name(name):
         raise TemplateError(f"invalid template name {name!r} in {path}")
-    unknown = set(raw) - {"name", "extends", "packages", "pip", "warmup", "suite", "mirror", "env"}
-    if unknown:
-        raise TemplateError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
     base = TemplateSpec(name=name)
     if raw.get("extends"):
-        parent = load_spec(raw["extends"], (path.parent, *search))
+        parent = _load_spec(raw["extends"], (path.parent, *search), chain)
         base = TemplateSpec(
             name=name,
             packages=parent.packages,
@@ -116,11 +140,6 @@ def load_spec(name_or_path: str, search: tuple[Path, ...] = (BUILTIN_DIR,)) -> T
             mirror=parent.mirror,
             env=dict(parent.env),
         )
-    for key in ("packages", "pip"):
-        value = raw.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise TemplateError(f"'{key}' in {path} must be a list of strings")
-    env = {**base.env, **raw.get("env", {})}
     return TemplateSpec(
         name=name,
         packages=tuple(dict.fromkeys((*base.packages, *raw.get("packages", [])))),
@@ -129,7 +148,7 @@ def load_spec(name_or_path: str, search: tuple[Path, ...] = (BUILTIN_DIR,)) -> T
         warmup="\n".join(w for w in (base.warmup, raw.get("warmup", "")) if w.strip()),
         suite=raw.get("suite", base.suite),
         mirror=raw.get("mirror", base.mirror),
-        env=env,
+        env={**base.env, **env},
     )
 
 
@@ -139,14 +158,13 @@ class Template:
     path: Path  # the build directory
     spec: TemplateSpec
     built_at: float
+    # The digest the build was made for. Not recomputed from ``spec``: that would apply
+    # today's RECIPE_VERSION to a build made with an older recipe and call it current.
+    digest: str
 
     @property
     def rootfs(self) -> Path:
         return self.path / "rootfs"
-
-    @property
-    def digest(self) -> str:
-        return self.spec.digest
 
     def versions(self) -> str:
         return (self.path / "versions.txt").read_text()
@@ -169,8 +187,13 @@ class TemplateStore:
             raise TemplateError(
                 f"template {name!r} is not built (run: forkd template build {name})"
             ) from None
-        spec = TemplateSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["spec"].items()})
-        return Template(name=name, path=path, spec=spec, built_at=meta["built_at"])
+        try:
+            spec = TemplateSpec(
+                **{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["spec"].items()}
+            )
+            return Template(name=name, path=path, spec=spec, built_at=meta["built_at"], digest=meta["digest"])
+        except (KeyError, TypeError) as exc:
+            raise TemplateError(f"template {name!r} has a damaged build.json in {path}: {exc}") from None
 
     def list(self) -> list[Template]:
         out = []
@@ -196,7 +219,32 @@ class TemplateStore:
             raise TemplateError("building a template needs root (mmdebstrap creates device nodes and owners)")
         if shutil.which("mmdebstrap") is None:
             raise TemplateError("mmdebstrap is not installed (apt-get install mmdebstrap)")
-        final = self.builds / f"{spec.name}-{spec.digest[:12]}-{int(time.time())}"
+        # One builder per name at a time (test runs and CLI calls share stores); whoever waited
+        # usually finds the template built by the other.
+        with open(self.root / f".{spec.name}.lock", "w") as lock:
+            if not _try_lock(lock):
+                progress(f"waiting for another build of {spec.name} to finish")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if not force and self.is_current(spec):
+                progress(f"template {spec.name} is up to date ({spec.digest[:12]})")
+                return self.get(spec.name)
+            self._remove_abandoned(spec.name)
+            return self._build_locked(spec, progress)
+
+    def _remove_abandoned(self, name: str) -> None:
+        """Work directories of builds whose process died (killed, machine crash): nothing else removes them."""
+        for entry in self.builds.iterdir():
+            base, sep, pid = entry.name.rpartition(".tmp-")
+            if sep and _build_name(base) == name and pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+        for entry in self.root.glob(f".{name}.link-*"):
+            pid = entry.name.rpartition("-")[2]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                entry.unlink(missing_ok=True)
+
+    def _build_locked(self, spec: TemplateSpec, progress: Progress) -> Template:
+        # time_ns: two builds of one digest (--force) in the same second must not collide.
+        final = self.builds / f"{spec.name}-{spec.digest[:12]}-{time.time_ns()}"
         work = final.with_name(final.name + f".tmp-{os.getpid()}")
         work.mkdir(parents=True)
         try:
@@ -231,7 +279,8 @@ class TemplateStore:
         """Drop old builds of this template, but keep the previous one: running
         sandboxes may still use it as their lower layer."""
         for entry in self.builds.iterdir():
-            if entry.name.startswith(f"{name}-") and entry not in keep and ".tmp-" not in entry.name:
+            # By parsed name, not prefix: pruning "base" must not touch "base-gpu".
+            if _build_name(entry.name) == name and entry not in keep and ".tmp-" not in entry.name:
                 shutil.rmtree(entry, ignore_errors=True)
 
     def _debootstrap(self, spec: TemplateSpec, rootfs: Path, progress: Progress) -> None:
@@ -240,10 +289,22 @@ class TemplateStore:
             packages.append("python3-pip")
         hooks = [
             'chroot "$1" useradd --create-home --uid 1000 --user-group --shell /bin/bash user',
-            "echo 'user ALL=(ALL) NOPASSWD:ALL' > \"$1/etc/sudoers.d/user\"",
-            'chmod 0440 "$1/etc/sudoers.d/user"',
+            # sudo is not in minbase: a template that does not ask for it has no sudoers.d.
+            'if [ -d "$1/etc/sudoers.d" ]; then'
+            " echo 'user ALL=(ALL) NOPASSWD:ALL' > \"$1/etc/sudoers.d/user\""
+            ' && chmod 0440 "$1/etc/sudoers.d/user"; fi',
             *(f'mkdir -p "$1/{d}"' for d in MOUNT_POINTS),
             f'echo "{spec.name} {spec.digest}" > "$1/etc/forkd-template"',
+            # Every sandbox has its own hostname (UTS namespace): let /etc/hostname
+            # follow it instead of carrying the build host's name; libnss-myhostname
+            # makes it resolve without per-sandbox writes to /etc/hosts.
+            'ln -sf /proc/sys/kernel/hostname "$1/etc/hostname"',
+            "printf '127.0.0.1\\tlocalhost\\n::1\\tlocalhost ip6-localhost ip6-loopback\\n' > \"$1/etc/hosts\"",
+            # Every command runs as `bash -l -c`: keep login scripts from forking (a
+            # fork+exec costs milliseconds). bash knows its EUID; `mesg` only matters
+            # on a terminal.
+            'sed -i \'s/"$(id -u)"/"${EUID:-$(id -u)}"/g\' "$1/etc/profile"',
+            'if [ -f "$1/root/.profile" ]; then sed -i \'s/^mesg n/[ -t 0 ] \\&\\& mesg n/\' "$1/root/.profile"; fi',
         ]
         if spec.pip:
             pkgs = " ".join(_shell_quote(p) for p in spec.pip)
@@ -255,7 +316,7 @@ class TemplateStore:
             "mmdebstrap",
             "--mode=root",
             "--variant=minbase",
-            f"--include={','.join(packages)}",
+            *([f"--include={','.join(packages)}"] if packages else []),
             *(f"--customize-hook={h}" for h in hooks),
             spec.suite,
             str(rootfs),
@@ -275,12 +336,12 @@ class TemplateStore:
 
 
 def _package_versions(rootfs: Path, with_pip: bool) -> str:
-    out = subprocess.run(
-        ["dpkg-query", f"--admindir={rootfs}/var/lib/dpkg", "-W", "-f=${Package}=${Version}\n"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    query = ["dpkg-query", f"--admindir={rootfs}/var/lib/dpkg", "-W", "-f=${Package}=${Version}\n"]
+    try:
+        out = subprocess.run(query, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        raise TemplateError(f"cannot list the packages of the new root filesystem: {detail}") from None
     lines = sorted(out.splitlines())
     if with_pip:
         pip = subprocess.run(
@@ -290,6 +351,30 @@ def _package_versions(rootfs: Path, with_pip: bool) -> str:
         )
         lines += ["", "# pip"] + sorted(pip.stdout.splitlines())
     return "\n".join(lines) + "\n"
+
+
+def _build_name(entry: str) -> str:
+    """The template name of a build directory ``<name>-<digest12>-<stamp>``."""
+    parts = entry.split(".tmp-")[0].rsplit("-", 2)
+    return parts[0] if len(parts) == 3 else ""
+
+
+def _try_lock(f) -> bool:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _shell_quote(s: str) -> str:
