@@ -375,6 +375,17 @@ def prime(rounds: int = 5) -> None:
                 for _ in range(3):
                     await conn.request("ping")
                     await conn.request("info")
+                # A command and a code cell: their first run in a process pays for
+                # one-time set-up (NSS for user lookups, lazily imported modules,
+                # code paths) that children should inherit done.
+                out = conn.open_inbound()
+                await conn.request("exec.start", {"cmd": "true", "stream": out.id})
+                async for _ in out:
+                    pass
+                out = conn.open_inbound()
+                await conn.request("code.run", {"code": "1", "stream": out.id})
+                async for _ in out:
+                    pass
                 await conn.close()
 
             asyncio.run(go())

@@ -89,6 +89,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def children(self) -> list[Child]: ...
 
+    def activate(self, child: Child) -> None:  # noqa: B027 (an optional hook, not abstract)
+        """A child leaves the warm pool for a user. Backends that prepare
+        children at low priority (so refills never slow down requests in
+        flight) give it full priority here."""
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Kill every child and parent this backend started."""

@@ -207,6 +207,7 @@ class WarmPool:
             child = self._pop_ready()
             if child is not None:
                 self._in_use[child.id] = child
+                self.backend.activate(child)
                 if not self.refresh_identity or await self._refresh(child):
                     self._taken_total += 1
                     self._wake.set()  # refill after the hand-over, not in its way
@@ -214,6 +215,7 @@ class WarmPool:
                 continue
             if self._total() < self.max_total:
                 child = await self._spawn_on_demand()
+                self.backend.activate(child)
                 self._taken_total += 1
                 self._wake.set()
                 return child

@@ -391,6 +391,11 @@ class ProcessBackend(Backend):
             raise SpawnError(f"{cid}: did not come up: {exc}") from None
         return child
 
+    def activate(self, child: Child) -> None:
+        # The zygote runs at NICE (so do its children until now): see _zygote_launch.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, child.pid, 0)
+
     def _network_manager(self) -> NetworkManager:
         return NetworkManager(
             bridge=f"fk{self._scope[:7]}",

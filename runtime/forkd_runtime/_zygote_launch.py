@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     enter_userns_and_exec(args.uid_base, ["python3", "-m", "forkd_agent", *agent_args], env)
 
 
+ZYGOTE_NICE = 10
 CHILD_DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
 
@@ -143,6 +144,10 @@ def enter_userns_and_exec(uid_base: int, argv: list[str], env: dict) -> None:
             os.setresgid(0, 0, 0)
             os.setgroups([])
             os.setresuid(0, 0, 0)
+            # Forking and warming children is background work: it must never slow
+            # down sandboxes serving requests. A child gets normal priority when the
+            # runtime hands it out (Backend.activate).
+            os.nice(ZYGOTE_NICE)
             # After the credential change, which clears it: die with the launcher.
             L.set_parent_death_signal(signal.SIGKILL)
             if os.getppid() != launcher:  # it died before the line above
