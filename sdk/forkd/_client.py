@@ -118,8 +118,12 @@ class Client:
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
 
     async def close(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        beat, self._heartbeat = self._heartbeat, None
+        if beat is not None and beat is not asyncio.current_task():
+            beat.cancel()
+            # Let the cancellation finish: the loop may stop right after us
+            # (interpreter exit), and a still-pending task would be destroyed.
+            await asyncio.wait([beat])  # does not raise, nor swallow our own cancellation
         await self.conn.close()
 
     # -- calls ---------------------------------------------------------------
