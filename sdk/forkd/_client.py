@@ -188,7 +188,9 @@ class Client:
                     delay = dead_after - silent
                 else:
                     delay = interval - silent
-                await asyncio.sleep(max(delay, 0.01))
+                # Sleep, but end at once when the connection closes (no task left behind).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(conn.closed.wait(), max(delay, 0.01))
         except asyncio.CancelledError:
             pass
 
