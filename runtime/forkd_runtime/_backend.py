@@ -73,6 +73,9 @@ class Child:
 
 class Backend(abc.ABC):
     name: str
+    # Whether a child handed out of a warm pool needs identity.refresh (clock,
+    # kernel RNG, PRNGs): true where children are frozen copies (VM snapshots).
+    refresh_on_handout: bool = True
 
     @abc.abstractmethod
     async def prepare(self, template: str) -> Snapshot:

@@ -19,7 +19,7 @@ starts the full agent. The pool sends that first request (``info``) before a chi
 user's first real request does not pay for starting the agent (measured: take() -> first ``exec.start``
 answer p50 ~4 ms warmed vs 7-12 ms not, 2 loaded cores).
 
-When ``refresh_identity`` is on (the default), ``take()`` sends ``identity.refresh`` with the host's clock and
+When ``refresh_identity`` is on (the default where the backend asks for it), ``take()`` sends ``identity.refresh`` with the host's clock and
 fresh entropy to the child it hands out: a child may have waited in the pool for a long time (a VM child's
 clock stands still meanwhile), and this makes each handed-out sandbox's randomness independent of when and
 how it was forked. It costs one round trip in take() (p50 ~0.9 ms, vs ~0.02 ms without); the warm-up sends
@@ -90,7 +90,7 @@ class WarmPool:
         batch: int = 16,
         *,
         warm_up: bool = True,
-        refresh_identity: bool = True,
+        refresh_identity: bool | None = None,
     ) -> None:
         if min_ready < 0 or max_total < 1 or min_ready > max_total:
             raise ValueError(
@@ -105,7 +105,9 @@ class WarmPool:
         self.options = options or SpawnOptions()
         self.batch = batch
         self.warm_up = warm_up
-        self.refresh_identity = refresh_identity
+        # Default: what the backend says its children need (a VM child's clock and
+        # kernel RNG are frozen copies; a process child shares the host's).
+        self.refresh_identity = backend.refresh_on_handout if refresh_identity is None else refresh_identity
         # Oldest first: the child that has waited longest is handed out first.
         self._ready: dict[str, Child] = {}
         self._in_use: dict[str, Child] = {}

@@ -158,6 +158,9 @@ class _Handle:
 
 class ProcessBackend(Backend):
     name = "process"
+    # Children share the host's clock and kernel RNG; each gets its own entropy
+    # at fork and reseeds its PRNGs when its agent starts.
+    refresh_on_handout = False
 
     def __init__(self, store: TemplateStore | None = None, root: str | os.PathLike | None = None) -> None:
         """``root``: this runtime's state directory; ``store``: where templates
