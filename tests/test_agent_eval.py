@@ -163,7 +163,7 @@ async def test_errors_name_value_traceback(agent):
     assert r.error["name"] == "NameError"
     assert r.error["value"] == "name 'undefined_name' is not defined"
     assert 'File "<cell-1>", line 2' in r.error["traceback"]
-    assert "_kernel.py" not in r.error["traceback"]
+    assert "forkd_agent" not in r.error["traceback"]
     assert await text_of(agent, "a") == "1"  # statements before the error ran
 
     r = await run(agent, "def f(:\n    pass")

@@ -1,6 +1,6 @@
 """Stateful Python code contexts: code.run / code.eval and context.* methods.
 
-Each context owns one kernel process (see _kernel.py) whose namespace persists
+Each context owns one kernel process (see _kernel_client.py) whose namespace persists
 across runs. A context runs one job at a time; later requests queue on its lock
 in arrival order. A kernel that dies or is killed is replaced by a fresh one on
 the context's next job (its state is lost).
@@ -20,7 +20,8 @@ from forkd import protocol as p
 from forkd._connection import Connection
 
 from . import _params
-from ._kernel import Job, Kernel, exit_text, spawn
+from ._kernel_client import Job, Kernel, exit_text
+from ._kernel_fork import spawn
 from ._methods import component, method
 from ._users import resolve_user
 

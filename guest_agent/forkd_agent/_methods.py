@@ -16,13 +16,7 @@ METHODS: dict[str, Handler] = {}
 
 
 def method(name: str) -> Callable[[Handler], Handler]:
-    def register(fn: Handler) -> Handler:
-        if name in METHODS:
-            raise RuntimeError(f"method {name} registered twice")
-        METHODS[name] = fn
-        return fn
-
-    return register
+    return _registrar(METHODS, "method", name)
 
 
 # Long-lived state holders (process table, contexts, watches...). The agent
@@ -32,10 +26,14 @@ COMPONENTS: dict[str, type] = {}
 
 
 def component(name: str) -> Callable[[type], type]:
-    def register(cls: type) -> type:
-        if name in COMPONENTS:
-            raise RuntimeError(f"component {name} registered twice")
-        COMPONENTS[name] = cls
-        return cls
+    return _registrar(COMPONENTS, "component", name)
+
+
+def _registrar(table: dict[str, Any], kind: str, name: str) -> Callable[[Any], Any]:
+    def register(obj: Any) -> Any:
+        if name in table:
+            raise RuntimeError(f"{kind} {name} registered twice")
+        table[name] = obj
+        return obj
 
     return register
