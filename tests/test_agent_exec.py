@@ -308,7 +308,11 @@ async def test_pty_interactive_shell(agent):
     pid, stream = await start(agent, None, pty={"rows": 24, "cols": 80})
     await agent.request(
         "exec.stdin",
-        {"pid": pid, "data": "echo $((6*7)) $TERM; tty; sh -c 'echo ready$((40+2)); sleep 30'\n"},
+        # PS1 is "@@2> " (set from an expansion, so the echoed input never contains it).
+        {
+            "pid": pid,
+            "data": "PS1='@@'$((1+1))'> '; echo $((6*7)) $TERM; tty; sh -c 'echo ready$((40+2)); sleep 30'\n",
+        },
     )
     out = bytearray()
     async for _fd, _off, data in stream:
@@ -316,12 +320,19 @@ async def test_pty_interactive_shell(agent):
         if b"ready42" in out:  # the foreground job runs (the echoed input says ready$((40+2)))
             break
     # Ctrl-C reaches the foreground job only if the pty is the controlling terminal.
-    await agent.request("exec.stdin", {"pid": pid, "data": b"\x03"})
+    # The job may not own the terminal yet when "ready" shows: repeat until the
+    # shell is back at its prompt (a ^C at the prompt leaves $? at 130 too).
     mark = len(out)
-    async for _fd, _off, data in stream:
-        out += data
-        if b"^C" in out[mark:]:  # echoed after the terminal flushed its input: safe to type on
+    chunks = stream.__aiter__()
+    for _ in range(20):
+        await agent.request("exec.stdin", {"pid": pid, "data": b"\x03"})
+        try:
+            while b"@@2> " not in out[mark:]:
+                _fd, _off, data = await asyncio.wait_for(chunks.__anext__(), 0.5)
+                out += data
             break
+        except TimeoutError:
+            continue
     await agent.request("exec.stdin", {"pid": pid, "data": "echo status=$?; exit 5\n"})
     out += await asyncio.wait_for(pty_output(stream), 10)
     assert b"42 xterm-256color" in out and b"status=130" in out
