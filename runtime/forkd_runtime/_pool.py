@@ -325,6 +325,14 @@ class WarmPool:
                 if self.refresh_identity:
                     # A first call pays for faulting in its code path (~1 ms); pay it here, not in take().
                     await child.conn.request("identity.refresh", self._identity(), timeout=REQUEST_TIMEOUT)
+                # The same for a user's first command (the agent's spawn path, the
+                # shell's pages): one `true` here, at the pool's low priority.
+                out = child.conn.open_inbound()
+                await child.conn.request(
+                    "exec.start", {"cmd": "true", "stream": out.id}, timeout=REQUEST_TIMEOUT
+                )
+                async for _ in out:
+                    pass
             except Exception as exc:
                 self.last_error = f"warm-up of {child.id} failed: {exc}"
                 log.warning("%s", self.last_error)
