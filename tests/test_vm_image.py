@@ -165,3 +165,27 @@ def test_guest_early_loop(guest):
     finally:
         ours.close()
         theirs.close()
+
+
+def test_cli_builds_the_vm_image_of_a_template(template_store):
+    # `forkd template build NAME --backend vm`: the template, then its VM image (cached after the first build).
+    forkd = shutil.which("forkd") or os.path.join(os.path.dirname(os.sys.executable), "forkd")
+    out = subprocess.run(
+        [
+            forkd,
+            "--state-dir",
+            str(template_store.root.parent),
+            "template",
+            "build",
+            "base",
+            "--backend",
+            "vm",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "template base is up to date" in out.stdout
+    assert "vm image of base ready" in out.stdout
+    assert (template_store.root / "vm").is_dir()

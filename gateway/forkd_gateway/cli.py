@@ -12,9 +12,19 @@ from pathlib import Path
 def _template_build(args: argparse.Namespace) -> int:
     from forkd_runtime import TemplateError, TemplateStore, load_spec
 
+    def progress(m: str) -> None:
+        print(m, flush=True)
+
     try:
         spec = load_spec(args.name)
-        TemplateStore(args.state_dir).build(spec, progress=lambda m: print(m, flush=True), force=args.force)
+        store = TemplateStore(args.state_dir)
+        template = store.build(spec, progress=progress, force=args.force)
+        if args.backend in ("vm", "all"):
+            # The microVM backend's image of it: kernel, initramfs, disk images (cached).
+            from forkd_runtime.vm._image import build_image
+
+            image = build_image(template, store.root / "vm", progress)
+            progress(f"vm image of {template.name} ready: {image}")
     except TemplateError as exc:
         print(f"forkd: {exc.message}", file=sys.stderr)
         return 1
@@ -136,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = tsub.add_parser("build", help="build a template (no-op when up to date)")
     b.add_argument("name", help="template name (base, code-interpreter) or a .toml definition file")
     b.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    b.add_argument(
+        "--backend",
+        choices=["process", "vm", "all"],
+        default="process",
+        help="also build the microVM image (kernel, initramfs, disks) with vm or all",
+    )
     b.set_defaults(func=_template_build)
     ls = tsub.add_parser("list", help="list built templates")
     ls.set_defaults(func=_template_list)
