@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from forkd import protocol as p
+from forkd_agent._lazy import answer_until_needed
 
 
 def test_vmlinux_is_found_inside_vmlinuz(tmp_path):
@@ -137,7 +138,9 @@ def test_guest_early_loop(guest):
     early = guest._Early("parent-id", {"marker": "m1"})
     result: dict = {}
     t = threading.Thread(
-        target=lambda: result.setdefault("left", guest.serve_early(theirs.fileno(), early, METHODS))
+        target=lambda: result.setdefault(
+            "left", answer_until_needed(theirs.fileno(), guest.early_answer(early, METHODS), wait_on_eof=True)
+        )
     )
     t.start()
     try:

@@ -19,6 +19,8 @@ from typing import Any
 
 import msgpack
 
+from forkd import protocol as p
+
 __all__ = [
     "RESULT_KEYS",
     "format_result",
@@ -31,22 +33,7 @@ __all__ = [
     "watch_pyplot",
 ]
 
-RESULT_KEYS = (
-    "text",
-    "html",
-    "markdown",
-    "svg",
-    "png",
-    "jpeg",
-    "pdf",
-    "latex",
-    "json",
-    "javascript",
-    "data",
-    "chart",
-    "is_main_result",
-    "extra",
-)
+RESULT_KEYS = (*p.RESULT_FORMATS, "is_main_result", "extra")
 
 _MIME_KEYS = {
     "text/plain": "text",

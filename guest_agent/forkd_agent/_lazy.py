@@ -1,17 +1,24 @@
 """Answer the cheapest requests before the full agent exists.
 
-A freshly forked sandbox that has not been used yet should cost almost
-nothing: starting an event loop and the agent's components in every child
-dirties hundreds of copy-on-write pages (~2.5 MiB) and milliseconds of CPU.
-So a child first serves ``hello`` and ``ping`` from this blocking loop, and
-starts the real agent on the first other frame, handing it every byte not yet
-answered. Nothing is lost or reordered: frames are handled strictly in order,
-and the hand-over happens before the first frame this loop does not answer.
+A freshly forked or restored sandbox that has not been used yet should cost
+almost nothing: starting an event loop and the agent's components in every
+child dirties hundreds of copy-on-write pages (~2.5 MiB) and milliseconds of
+CPU (tens under TCG). So a child first serves a few requests from this
+blocking loop, and starts the real agent on the first other frame, handing it
+every byte not yet answered. Nothing is lost or reordered: frames are handled
+strictly in order, and the hand-over happens before the first frame this loop
+does not answer.
+
+Process-backend children answer ``hello`` and ``ping`` here (see
+``core_answer``); the VM guest adds ``info`` and ``identity.refresh``.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from typing import Any
 
 from forkd import protocol as p
 
@@ -20,9 +27,39 @@ from ._server import hello_result, ping_result
 _LEN = 4
 
 
-def answer_until_needed(fd: int, sandbox_id: str) -> bytes | None:
-    """Serve hello/ping on ``fd``; return the unanswered bytes (starting with the
-    first frame needing the full agent), or None when the peer closed."""
+class HandOver(Exception):
+    """Raised by an answer function: this frame needs the full agent."""
+
+
+def core_answer(sandbox_id: str) -> Callable[[p.Request], Any]:
+    def answer(msg: p.Request) -> Any:
+        if msg.method == "hello":
+            return hello_result(msg.params, sandbox_id)
+        if msg.method == "ping":
+            return ping_result()
+        raise HandOver
+
+    return answer
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except InterruptedError:
+            continue
+
+
+def answer_until_needed(
+    fd: int, answer: Callable[[p.Request], Any], *, wait_on_eof: bool = False
+) -> bytes | None:
+    """Serve requests on the blocking ``fd`` with ``answer(request) -> result``
+    (raising RpcError for an error reply, HandOver for the full agent); return
+    the unanswered bytes, from the first frame needing the full agent on.
+
+    End of stream returns None, or with ``wait_on_eof`` (a virtio-serial port,
+    whose reads return at once while the host end is not connected) waits."""
     raw = bytearray()
     while True:
         try:
@@ -30,26 +67,28 @@ def answer_until_needed(fd: int, sandbox_id: str) -> bytes | None:
         except InterruptedError:
             continue
         if not data:
-            return None
+            if not wait_on_eof:
+                return None
+            time.sleep(0.05)  # not spinning while nobody is connected
+            continue
         raw += data
         while len(raw) >= _LEN:
             size = int.from_bytes(raw[:_LEN], "big")
-            if size > p.MAX_FRAME_SIZE or len(raw) < _LEN + size:
-                if size > p.MAX_FRAME_SIZE:
-                    return bytes(raw)  # the agent refuses it properly
+            if size > p.MAX_FRAME_SIZE:
+                return bytes(raw)  # the agent refuses it properly
+            if len(raw) < _LEN + size:
                 break
             try:
                 msg = p.decode(bytes(raw[_LEN : _LEN + size]))
             except p.ProtocolError:
                 return bytes(raw)
-            if not (isinstance(msg, p.Request) and msg.method in ("hello", "ping")):
+            if not isinstance(msg, p.Request):
                 return bytes(raw)
             try:
-                result = hello_result(msg.params, sandbox_id) if msg.method == "hello" else ping_result()
-                reply = p.Response(msg.id, None, result)
+                reply = p.Response(msg.id, None, answer(msg))
+            except HandOver:
+                return bytes(raw)
             except p.RpcError as exc:
                 reply = p.Response(msg.id, exc, None)
-            out = p.frame(p.encode(reply))
-            while out:
-                out = out[os.write(fd, out) :]
+            write_all(fd, p.frame(p.encode(reply)))
             del raw[: _LEN + size]

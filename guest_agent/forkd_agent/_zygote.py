@@ -33,7 +33,7 @@ import time
 from forkd import protocol as p
 
 from . import _linux as L
-from ._lazy import answer_until_needed
+from ._lazy import answer_until_needed, core_answer
 from ._server import Agent, serve_fd
 
 log = logging.getLogger("forkd.zygote")
@@ -320,7 +320,7 @@ def _setup_sandbox(spec: dict, plan: ChildPlan, fresh_netns: bool) -> None:
 
 def _serve(spec: dict, warm: dict) -> None:
     sandbox_id = spec.get("sandbox_id") or spec["id"]
-    pending = answer_until_needed(3, sandbox_id)
+    pending = answer_until_needed(3, core_answer(sandbox_id))
     if pending is None:
         return
     # Only now can user code run: diverge from the parent's PRNG state (a fork

@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from .protocol import RESULT_FORMATS
+
 __all__ = [
     "OutputMessage",
     "ExecutionError",
@@ -64,20 +66,7 @@ class MIMEType(str):
     """A MIME type."""
 
 
-_FORMATS = (
-    "text",
-    "html",
-    "markdown",
-    "svg",
-    "png",
-    "jpeg",
-    "pdf",
-    "latex",
-    "json",
-    "javascript",
-    "data",
-    "chart",
-)
+_FORMATS = RESULT_FORMATS
 
 
 @dataclass

@@ -34,6 +34,7 @@ __all__ = [
     "FD_STDOUT",
     "FD_STDERR",
     "FD_PTY",
+    "RESULT_FORMATS",
     "ErrorCode",
     "RpcError",
     "ProtocolError",
@@ -61,6 +62,12 @@ DEFAULT_WINDOW = 4 * 1024 * 1024
 FD_STDOUT = 1
 FD_STDERR = 2
 FD_PTY = 3
+
+# The formats a code-interpreter result may carry (`code.run` results, after
+# IPython's display conventions); binary ones (png, jpeg, pdf) as base64 text.
+RESULT_FORMATS = (
+    "text", "html", "markdown", "svg", "png", "jpeg", "pdf", "latex", "json", "javascript", "data", "chart",
+)  # fmt: skip
 
 _REQUEST, _RESPONSE, _NOTIFICATION, _STREAM = 0, 1, 2, 3
 _LEN = struct.Struct(">I")

@@ -27,13 +27,9 @@ import time
 
 from forkd import protocol as p
 from forkd._transports import StreamTransport
+from forkd_agent._lazy import HandOver, answer_until_needed
 
 EARLY = frozenset({"hello", "ping", "info", "identity.refresh"})
-_LEN = 4
-
-
-class _NeedsAgent(Exception):
-    """An early handler wanted to wait for something: the full agent must run it."""
 
 
 class _Early:
@@ -62,16 +58,7 @@ def _run_now(coro):
     except StopIteration as stop:
         return stop.value
     coro.close()
-    raise _NeedsAgent
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except InterruptedError:
-            continue
+    raise HandOver  # it wanted to wait: the full agent must run it
 
 
 def _refresh_early(handler, early: _Early, params: dict):
@@ -103,46 +90,18 @@ def _seed_numpy(early: _Early) -> None:
     __import__("random").setstate(state)
 
 
-def serve_early(fd: int, early: _Early, methods: dict) -> bytes:
-    """Answer early requests on the (blocking) port ``fd``; return the bytes
-    from the first frame that needs the full agent on."""
-    buf = bytearray()
-    while True:
-        try:
-            data = os.read(fd, 65536)
-        except InterruptedError:
-            continue
-        if not data:
-            # The host end is not connected (a read then returns at once):
-            # wait for it without spinning.
-            time.sleep(0.05)
-            continue
-        buf += data
-        while len(buf) >= _LEN:
-            size = int.from_bytes(buf[:_LEN], "big")
-            if size > p.MAX_FRAME_SIZE:
-                return bytes(buf)  # the agent refuses it properly
-            if len(buf) < _LEN + size:
-                break
-            try:
-                msg = p.decode(bytes(buf[_LEN : _LEN + size]))
-            except p.ProtocolError:
-                return bytes(buf)
-            if not (isinstance(msg, p.Request) and msg.method in EARLY):
-                return bytes(buf)
-            try:
-                handler = methods[msg.method]
-                if msg.method == "identity.refresh":
-                    result = _refresh_early(handler, early, msg.params)
-                else:
-                    result = _run_now(handler(early, None, msg.params))
-                reply = p.Response(msg.id, None, result)
-            except _NeedsAgent:
-                return bytes(buf)
-            except p.RpcError as exc:
-                reply = p.Response(msg.id, exc, None)
-            _write_all(fd, p.frame(p.encode(reply)))
-            del buf[: _LEN + size]
+def early_answer(early: _Early, methods: dict):
+    """What the guest answers before the full agent starts (EARLY)."""
+
+    def answer(msg: p.Request):
+        if msg.method not in EARLY:
+            raise HandOver
+        handler = methods[msg.method]
+        if msg.method == "identity.refresh":
+            return _refresh_early(handler, early, msg.params)
+        return _run_now(handler(early, None, msg.params))
+
+    return answer
 
 
 async def serve_full(fd: int, port: str, initial: bytes, early: _Early) -> None:
@@ -192,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         except OSError as exc:
             print(f"forkd_vm_guest: cannot open {args.port}: {exc}", file=sys.stderr)
             time.sleep(0.1)
-    initial = serve_early(fd, early, METHODS)
+    initial = answer_until_needed(fd, early_answer(early, METHODS), wait_on_eof=True)
     asyncio.run(serve_full(fd, args.port, initial, early))
 
 
