@@ -8,12 +8,15 @@ disks) is built once into the template cache and reused across runs.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -268,12 +271,13 @@ async def test_snapshot_mismatch_is_refused(vm):
 CRASHER = """
 import asyncio, os, sys
 from forkd_runtime import TemplateStore
+from forkd_runtime._backend import SpawnOptions
 from forkd_runtime.vm import VmBackend
 
 async def main():
     b = VmBackend(TemplateStore(sys.argv[1]), root=sys.argv[2], pool_size=1, keep_snapshots=True)
     snap = await b.prepare("base")
-    kids = await b.spawn(snap, 2)
+    kids = await b.spawn(snap, 1) + await b.spawn(snap, 1, SpawnOptions(internet=True))
     print(snap.id, *[k.pid for k in kids], flush=True)
     os._exit(3)  # a crash: nothing cleaned up
 
@@ -282,9 +286,12 @@ asyncio.run(main())
 
 
 async def test_recovery_after_a_crash(vm_store, tmp_path):
-    """A runtime that dies leaves QEMU processes, run dirs and cgroups; the next
-    start on the same state dir removes them and reuses the snapshot."""
+    """A runtime that dies leaves QEMU processes, run dirs, cgroups and the network
+    of its internet child; the next start on the same state dir removes them and
+    reuses the snapshot."""
     from forkd_runtime.vm import VmBackend
+
+    forwarding = Path("/proc/sys/net/ipv4/ip_forward").read_text()
 
     state = tmp_path / "state"
     proc = await asyncio.create_subprocess_exec(
@@ -306,6 +313,12 @@ async def test_recovery_after_a_crash(vm_store, tmp_path):
             assert not Path(f"/proc/{p}").exists(), f"orphan QEMU {p} survived reconcile"
         assert list((state / "vm" / "run").iterdir()) == []
         assert b.cgroups.existing() == []
+        # The crashed run's bridge, its tap and rules are gone, forwarding as it was.
+        bridge = b._network_manager().bridge
+        assert not Path(f"/sys/class/net/{bridge}").exists()
+        assert f"forkd_vm_{b.scope}" not in sh("nft", "list", "tables")
+        assert not (state / "vm" / "network.json").exists()
+        assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == forwarding
         t0 = time.monotonic()
         snap = await b.prepare("base")
         assert snap.id == sid and time.monotonic() - t0 < 5, "the snapshot on disk is reused"
@@ -315,3 +328,195 @@ async def test_recovery_after_a_crash(vm_store, tmp_path):
         await b.close()
     assert not Path(snap.meta["memory_path"]).exists()
     assert not any((state / "vm" / "snapshots").iterdir())
+
+
+# -- internet access ------------------------------------------------------------------------
+UP_LINK = f"fkvu{os.getpid() % 100000}"
+UP_HOST, UP_PEER = "203.0.113.1", "203.0.113.2"  # TEST-NET-3 (test_network.py uses TEST-NET-2)
+
+
+def sh(*cmd: str, check: bool = True) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd}: {r.stderr}")
+    return r.stdout
+
+
+def ns_socket(pid: int) -> socket.socket:
+    """A TCP socket living in the network namespace of ``pid`` (setns on a throwaway thread)."""
+    out: dict = {}
+    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+
+    def make() -> None:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:
+            out["err"] = OSError(ctypes.get_errno(), "setns")
+        else:
+            out["sock"] = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+    t = threading.Thread(target=make)
+    t.start()
+    t.join()
+    os.close(fd)
+    if "err" in out:
+        raise out["err"]
+    return out["sock"]
+
+
+@pytest.fixture
+def upstream():
+    """An 'outside host': a namespace at 203.0.113.2 behind a host veth (203.0.113.1),
+    with no route back to the sandbox subnet (a reply there proves masquerade)."""
+    proc = subprocess.Popen(["unshare", "--net", "sleep", "300"])
+    try:
+        own = os.readlink("/proc/self/ns/net")
+        for _ in range(500):
+            if os.path.exists(f"/proc/{proc.pid}/ns/net") and os.readlink(f"/proc/{proc.pid}/ns/net") != own:
+                break
+            time.sleep(0.002)
+        ns = ("nsenter", "-t", str(proc.pid), "-n")
+        sh("ip", "link", "add", UP_LINK, "type", "veth", "peer", "name", "eth0", "netns", str(proc.pid))
+        sh("ip", "addr", "add", f"{UP_HOST}/24", "dev", UP_LINK)
+        sh("ip", "link", "set", UP_LINK, "up")
+        sh(*ns, "ip", "addr", "add", f"{UP_PEER}/24", "dev", "eth0")
+        sh(*ns, "ip", "link", "set", "eth0", "up")
+        sh(*ns, "ip", "link", "set", "lo", "up")
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+        sh("ip", "link", "del", UP_LINK, check=False)
+
+
+async def serve(sock=None, host: str = "0.0.0.0"):
+    """A TCP server telling each client the address it connects from."""
+
+    async def greet(reader, writer) -> None:
+        writer.write(f"{writer.get_extra_info('peername')[0]}\n".encode())
+        await writer.drain()
+        writer.close()
+
+    if sock is None:
+        server = await asyncio.start_server(greet, host, 0)
+    else:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+        sock.listen(8)
+        sock.setblocking(False)
+        server = await asyncio.start_server(greet, sock=sock)
+    return server, server.sockets[0].getsockname()[1]
+
+
+# Run in a guest: what each server says, or why none answered (2 s each).
+PROBE = """
+import socket, sys
+for target in sys.argv[1:]:
+    host, port = target.split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2) as s:
+            s.settimeout(5)
+            print(target, s.recv(100).decode().strip() or "empty")
+    except OSError as e:
+        print(target, "blocked", e.errno)
+"""
+# Run in a guest: accept on port 8080 and print each peer until one says "stop".
+LISTEN = """
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8080))
+s.listen(8)
+s.settimeout(60)
+while True:
+    c, peer = s.accept()
+    c.settimeout(5)
+    data = c.recv(10)
+    print("peer", peer[0], data.decode(), flush=True)
+    c.close()
+    if data == b"stop":
+        break
+"""
+
+
+async def probe(child, *targets: str) -> dict[str, str]:
+    code, out = await run(child, f"python3 - {' '.join(targets)} <<'EOF'\n{PROBE}EOF")
+    assert code == 0, out
+    return dict(line.split(" ", 1) for line in out.strip().splitlines())
+
+
+async def test_internet_access_is_opt_in_and_isolated(vm, upstream):
+    """A child with internet access reaches an outside host through NAT, not the
+    host's own services; nobody outside reaches it; a sibling without it has no
+    network at all. The same rules as the process backend's (forkd_runtime._network)."""
+    from forkd_runtime._backend import SpawnOptions
+
+    [k] = await vm.spawn(vm.snap, 1, SpawnOptions(internet=True))
+    [plain] = await vm.spawn(vm.snap, 1)
+    h = k.handle.net
+    up_server, up_port = await serve(ns_socket(upstream))
+    host_server, host_port = await serve()
+    try:
+        assert h is not None and h.kind == "tap" and plain.handle.net is None
+        # The tap is on the bridge in the host's namespace; QEMU still sits in its own.
+        assert Path(f"/sys/class/net/{h.ifname}/master").resolve().name == vm.network.bridge
+        assert os.readlink(f"/proc/{k.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+        code, out = await run(
+            k, "cat /sys/class/net/eth0/address /sys/class/net/eth0/operstate; grep -c . /proc/net/route"
+        )
+        mac, state, routes = out.split()
+        assert (mac, state) == (h.mac, "up") and int(routes) >= 2  # default + subnet
+        code, resolv = await run(k, "cat /etc/resolv.conf")
+        assert resolv.split() == [w for d in h.dns for w in ("nameserver", d)]
+
+        seen = await probe(
+            k,
+            f"{UP_PEER}:{up_port}",
+            f"{h.gateway}:{host_port}",
+            f"{UP_HOST}:{host_port}",
+            f"127.0.0.1:{host_port}",
+        )
+        assert seen[f"{UP_PEER}:{up_port}"] == UP_HOST  # out, masqueraded to the host's uplink address
+        for target in (f"{h.gateway}:{host_port}", f"{UP_HOST}:{host_port}", f"127.0.0.1:{host_port}"):
+            assert seen[target].startswith("blocked"), (target, seen[target])
+
+        # Inbound: even with a route to the sandbox subnet, the outside host cannot connect.
+        sh("nsenter", "-t", str(upstream), "-n", "ip", "route", "add", str(vm.network.subnet), "via", UP_HOST)
+        listener = asyncio.ensure_future(run(k, f"python3 - <<'EOF'\n{LISTEN}EOF"))
+        loop = asyncio.get_running_loop()
+        for _ in range(600):  # until the guest listens (the host itself may connect: replies only)
+            try:
+                r, w = await asyncio.wait_for(asyncio.open_connection(h.ip, 8080), 2)
+                w.write(b"host")
+                await w.drain()
+                w.close()
+                break
+            except (OSError, TimeoutError):
+                await asyncio.sleep(0.1)
+        s = ns_socket(upstream)
+        s.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(s, (h.ip, 8080)), 2)
+            await loop.sock_sendall(s, b"outside")
+            inbound = "connected"
+        except (OSError, TimeoutError):
+            inbound = "blocked"
+        finally:
+            s.close()
+        r, w = await asyncio.wait_for(asyncio.open_connection(h.ip, 8080), 5)
+        w.write(b"stop")
+        await w.drain()
+        w.close()
+        code, out = await asyncio.wait_for(listener, 60)
+        assert inbound == "blocked" and "outside" not in out and f"{h.gateway} host" in out, out
+
+        # The sibling without internet access: eth0 down, no route, nothing reachable.
+        code, out = await run(plain, "cat /sys/class/net/eth0/operstate; grep -c . /proc/net/route")
+        assert out.split() == ["down", "1"]  # the header line only
+        seen = await probe(plain, f"{UP_PEER}:{up_port}")
+        assert seen[f"{UP_PEER}:{up_port}"].startswith("blocked")
+    finally:
+        up_server.close()
+        host_server.close()
+        for c in (k, plain):
+            await vm.kill(c)
+    assert not Path(f"/sys/class/net/{h.ifname}").exists(), "tap left behind"
+    assert vm.network.handles() == []

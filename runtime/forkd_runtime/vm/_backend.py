@@ -18,12 +18,13 @@ guest when it is loaded) and, pipelined behind it on the agent channel, an
 answer to that is the child's first sign of life.
 
 Each VM runs in its own cgroup (limits), its own empty network namespace (no
-network), under seccomp (``-sandbox``), chrooted into an empty directory and as
-an unprivileged uid (``-runas``) once started. Its writable disk is a qcow2
-overlay of the parent's, in its run directory. The agent and QMP channels are
-socketpairs inherited by QEMU: no socket files, and both are connected before
-the guest runs, so the agent's connection carries over from the parent
-unbroken.
+network; a child that asks for internet access gets its NIC on a tap of the
+NetworkManager's bridge instead, see ``_cold_net``), under seccomp
+(``-sandbox``), chrooted into an empty directory and as an unprivileged uid
+(``-runas``) once started. Its writable disk is a qcow2 overlay of the
+parent's, in its run directory. The agent and QMP channels are socketpairs
+inherited by QEMU: no socket files, and both are connected before the guest
+runs, so the agent's connection carries over from the parent unbroken.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 import uuid
@@ -51,6 +53,7 @@ from forkd._transports import StreamTransport
 
 from .._backend import Backend, Child, Limits, Snapshot, SpawnError, SpawnOptions
 from .._cgroups import CPU_PERIOD_US, Cgroup, Cgroups, detect
+from .._network import NetHandle, NetworkError, NetworkManager
 from .._state import state_dir
 from .._templates import TemplateStore
 from ._image import UPPER_MB, VmImage, build_image
@@ -84,6 +87,12 @@ SHM = Path("/dev/shm")
 _libc = ctypes.CDLL(None, use_errno=True)
 _CLONE_NEWNET = 0x40000000
 _PR_SET_THP_DISABLE = 41
+# The guest's method that configures eth0 (``forkd_vm_guest.NET_CONFIGURE``;
+# that module runs in the guest only, so it is not imported here).
+NET_CONFIGURE = "vm.net.configure"
+# <linux/if_tun.h>
+_TUNSETIFF = 0x400454CA
+_IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 
 
 def _qemu_preexec() -> None:
@@ -117,6 +126,8 @@ class _Vm:
     limits: Limits | None = None
     conn: Connection | None = None
     killed: bool = False
+    # Its tap on the bridge (a child with internet access).
+    net: NetHandle | None = None
     exited: asyncio.Future | None = None
     started: float = field(default_factory=time.monotonic)
 
@@ -165,7 +176,7 @@ class VmBackend(Backend):
         image_cache: str | os.PathLike | None = None,
         keep_snapshots: bool = True,
         progress: Callable[[str], None] | None = None,
-        network: object | None = None,
+        network: NetworkManager | None = None,
         restore_parallel: int | None = None,
     ) -> None:
         """``root``: this runtime's state directory; ``store``: where templates come
@@ -174,7 +185,8 @@ class VmBackend(Backend):
         ``image_cache``: where kernels and initramfs images are cached (default:
         beside the templates). ``keep_snapshots``: leave snapshots (their RAM file
         on /dev/shm) for the next run on close; otherwise delete them.
-        ``network``: a NetworkManager for children that ask for internet access."""
+        ``network``: a NetworkManager for children that ask for internet access
+        (default: one of its own, set up on first use, torn down at close)."""
         self.state = state_dir(root)
         self.store = store or TemplateStore(self.state)
         self.image_cache = Path(image_cache) if image_cache else self.store.root / "vm"
@@ -191,7 +203,10 @@ class VmBackend(Backend):
         self.machine: Machine | None = None
         self.keep_snapshots = keep_snapshots
         self.progress = progress or (lambda m: log.info("%s", m))
-        self.network = network
+        # Ours (created on the first internet child, torn down at close) unless given.
+        self.network: NetworkManager | None = network
+        self._own_network = network is None
+        self._net_lock = asyncio.Lock()
         self.default_limits = Limits()
         self._snaps: dict[str, _Snap] = {}
         self._children: dict[str, Child] = {}
@@ -264,6 +279,10 @@ class VmBackend(Backend):
                 with contextlib.suppress(FileNotFoundError):
                     mem.unlink()
                 removed["memory_files"] += 1
+        if self._own_network and self.network is None and (self.vm_dir / "network.json").exists():
+            # A crashed run's bridge, taps and rules (and the sysctls it changed).
+            await self._network_manager().teardown()
+            removed["network"] = 1
         if any(removed.values()):
             log.warning("vm reconcile removed leftovers of a previous run: %s", removed)
         return removed
@@ -277,6 +296,9 @@ class VmBackend(Backend):
                     await s.filling
         await asyncio.gather(*(self.kill(c) for c in list(self._children.values())), return_exceptions=True)
         await asyncio.gather(*(self._destroy(vm) for vm in list(self._vms)), return_exceptions=True)
+        if self._own_network and self.network is not None:
+            await self.network.teardown()
+            self.network = None
         if not self.keep_snapshots:
             for s in list(self._snaps.values()):
                 await self.delete_snapshot(s.snapshot)
@@ -599,6 +621,7 @@ class VmBackend(Backend):
         limits: Limits,
         incoming: bool,
         run: Path | None = None,
+        extra_fds: tuple[int, ...] = (),
     ) -> _Vm:
         """Start QEMU with its channels as inherited socketpairs (``build(qmp_fd,
         agent_fd)`` makes the command line); into its cgroup at once; QMP
@@ -610,7 +633,7 @@ class VmBackend(Backend):
         q_ours, q_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         a_ours, a_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         state_r = state_w = -1
-        fds = [q_theirs.fileno(), a_theirs.fileno()]
+        fds = [q_theirs.fileno(), a_theirs.fileno(), *extra_fds]
         try:
             if incoming:
                 state_r, state_w = os.pipe2(os.O_CLOEXEC)
@@ -689,6 +712,13 @@ class VmBackend(Backend):
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(vm.pidfd)
         vm.proc.poll()
+        if vm.net is not None and self.network is not None:
+            # After QEMU is gone: its address is never reused while it could still send.
+            try:
+                await self.network.detach(vm.net)
+            except Exception as exc:
+                log.error("vm %s: removing its tap %s failed: %s", vm.id, vm.net.ifname, exc)
+            vm.net = None
         with contextlib.suppress(OSError):
             os.close(vm.pidfd)
         for fd in (vm.state_r, vm.state_w):
@@ -753,8 +783,9 @@ class VmBackend(Backend):
             if failures >= 3 * parallel:
                 raise SpawnError(f"pool of {s.snapshot.id}: QEMU keeps failing to start")
 
-    async def _pool_vm(self, s: _Snap) -> _Vm:
-        """A QEMU waiting in ``-incoming defer`` for this snapshot, channels open."""
+    async def _pool_vm(self, s: _Snap, tap_fd: int | None = None) -> _Vm:
+        """A QEMU waiting in ``-incoming defer`` for this snapshot, channels open
+        (its NIC on ``tap_fd`` if given, else on a tap in its own empty namespace)."""
         assert self.machine is not None
         machine = self.machine
         vid = f"sbx-{uuid.uuid4().hex[:16]}"
@@ -780,9 +811,11 @@ class VmBackend(Backend):
                 console=None,
                 incoming=True,
                 chroot=self.empty,
+                tap_fd=tap_fd,
             )
 
-        vm = await self._launch(vid, build, self.default_limits, incoming=True, run=run)
+        extra = () if tap_fd is None else (tap_fd,)
+        vm = await self._launch(vid, build, self.default_limits, incoming=True, run=run, extra_fds=extra)
         try:
             await vm.qmp.set_capability("x-ignore-shared")
             # QEMU starts reading the pipe now and waits for the bytes: the
@@ -801,17 +834,26 @@ class VmBackend(Backend):
     def children(self) -> list[Child]:
         return list(self._children.values())
 
-    def _network_hook(self, options: SpawnOptions) -> None:
-        """Where internet access plugs in (see docs/vm.md, "Network"): a child
-        that asks for it needs a QEMU started for it (not a pooled one) with
-        ``-netdev tap,fd=N``, N a /dev/net/tun queue attached to the tap that
-        ``NetworkManager.attach_tap()`` put on the bridge, and after its restore
-        the guest's eth0 given ``handle.mac``, ``handle.ip/prefixlen``, a default
-        route via ``handle.gateway`` and ``handle.dns`` in /etc/resolv.conf."""
-        raise SpawnError(
-            "internet access is not available for microVM sandboxes yet: every VM child "
-            "runs in an empty network namespace (see docs/vm.md)"
+    def _network_manager(self) -> NetworkManager:
+        # Names of its own (never the process backend's fk<scope>/forkd_<scope>:
+        # setting up a manager removes every port of its bridge left by others).
+        return NetworkManager(
+            bridge=f"fv{self.scope[:7]}",
+            table=f"forkd_vm_{self.scope}",
+            state_file=self.vm_dir / "network.json",
         )
+
+    async def _network(self) -> NetworkManager:
+        """The bridge, NAT and firewall for children with internet access (set
+        up on first use; the same rules as the process backend's)."""
+        async with self._net_lock:
+            if self.network is None:
+                net = self._network_manager()
+                await net.setup()
+                self.network = net
+            else:
+                await self.network.setup()  # a no-op once set up
+            return self.network
 
     async def spawn(self, snapshot: Snapshot, n: int, options: SpawnOptions | None = None) -> list[Child]:
         options = options or SpawnOptions()
@@ -819,8 +861,10 @@ class VmBackend(Backend):
         if snapshot.id not in self._snaps:
             await self.attach_snapshot(snapshot)
         s = self.check_snapshot(snapshot)
-        if options.internet:
-            self._network_hook(options)
+        try:
+            net = await self._network() if options.internet else None
+        except NetworkError as exc:
+            raise SpawnError(f"internet access cannot be set up: {exc}") from exc
         self._spawning += 1
         self._idle.clear()
         try:
@@ -828,10 +872,14 @@ class VmBackend(Backend):
             for vm in [vm for vm in s.pool if vm.exited is not None and vm.exited.done()]:
                 s.pool.remove(vm)
                 await self._destroy(vm)
-            take = min(n, len(s.pool))
+            # Pooled processes have no way out (their NIC's tap is in their own
+            # namespace): a child with internet access gets a QEMU of its own.
+            take = min(n, len(s.pool)) if net is None else 0
             vms = [s.pool.pop() for _ in range(take)]
             tasks = [asyncio.ensure_future(self._restore(s, vm, options)) for vm in vms]
-            if n > take:
+            if net is not None:
+                tasks += [asyncio.ensure_future(self._cold_net(s, options, net)) for _ in range(n)]
+            elif n > take:
                 tasks += [asyncio.ensure_future(self._cold(s, options)) for _ in range(n - take)]
             outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         finally:
@@ -853,6 +901,26 @@ class VmBackend(Backend):
         """A child without a pooled process: start QEMU now (as many at a time as cores)."""
         async with self._cold_starts:
             vm = await self._pool_vm(s)
+        return await self._restore(s, vm, options)
+
+    async def _cold_net(self, s: _Snap, options: SpawnOptions, net: NetworkManager) -> Child:
+        """A child with internet access: a tap on the bridge (host namespace,
+        owned by root: only the runtime can attach to it), one queue of it
+        opened here and inherited by QEMU as ``-netdev tap,fd=N``. QEMU itself
+        still runs in its own empty network namespace; the guest configures its
+        side after the restore (``_restore``)."""
+        handle = await net.attach_tap()
+        try:
+            fd = _open_tap(handle.ifname)
+            try:
+                async with self._cold_starts:
+                    vm = await self._pool_vm(s, tap_fd=fd)
+            finally:
+                os.close(fd)  # QEMU holds its own copy
+        except BaseException:
+            await net.detach(handle)
+            raise
+        vm.net = handle
         return await self._restore(s, vm, options)
 
     async def _restore(self, s: _Snap, vm: _Vm, options: SpawnOptions) -> Child:
@@ -880,6 +948,26 @@ class VmBackend(Backend):
                         timeout=RESTORE_TIMEOUT,
                     )
                 )
+                # Pipelined behind it: the guest's eth0 gets this child's MAC,
+                # address, route and resolvers (the snapshot's are the parent's).
+                netconf = None
+                if vm.net is not None:
+                    h = vm.net
+                    netconf = asyncio.ensure_future(
+                        vm.conn.request(
+                            NET_CONFIGURE,
+                            {
+                                "ifname": "eth0",
+                                "mac": h.mac,
+                                "ip": h.ip,
+                                "prefixlen": h.prefixlen,
+                                "gateway": h.gateway,
+                                "mtu": h.mtu,
+                                "dns": list(h.dns),
+                            },
+                            timeout=RESTORE_TIMEOUT,
+                        )
+                    )
                 try:
                     _write_all(vm.state_w, s.state)
                     os.close(vm.state_w)
@@ -889,8 +977,12 @@ class VmBackend(Backend):
                     if not refresh.done():
                         raise SpawnError(f"QEMU exited during the restore: {_log_tail(vm)}")
                     report = refresh.result()
+                    if netconf is not None:
+                        await netconf
                 finally:
                     refresh.cancel()
+                    if netconf is not None:
+                        netconf.cancel()
             child.ready_at = time.monotonic()
             bad = [k for k in ("clock", "kernel_rng", "hostname") if not report.get(k, {}).get("ok")]
             if bad:
@@ -958,6 +1050,20 @@ def _fill_holes(path: Path) -> None:
         os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
     finally:
         os.close(fd)
+
+
+def _open_tap(ifname: str) -> int:
+    """A queue of the existing tap ``ifname`` in this (the host's) namespace,
+    with the virtio-net header: QEMU opens its own taps that way, and the
+    snapshot's negotiated NIC features (offloads) depend on it."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        ifr = struct.pack("16sH22x", ifname.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR)
+        fcntl.ioctl(fd, _TUNSETIFF, ifr)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _write_all(fd: int, data: bytes) -> None:

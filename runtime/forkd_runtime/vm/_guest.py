@@ -4,8 +4,9 @@ Copied into every VM image as ``forkd_vm_guest`` and run as
 ``python3 -m forkd_vm_guest --port /dev/virtio-ports/NAME --warmup-file F``.
 Not imported on the host.
 
-It runs the template's warm-up, then answers ``hello``, ``ping``, ``info`` and
-``identity.refresh`` from a small blocking loop on the virtio-serial port, and
+It runs the template's warm-up, then answers ``hello``, ``ping``, ``info``,
+``identity.refresh`` (and, for a child with internet access, the host's
+``vm.net.configure``) from a small blocking loop on the virtio-serial port, and
 only starts the full asyncio agent at the first other frame, handing it every
 byte not yet answered (frames are handled strictly in order; nothing is lost).
 
@@ -20,8 +21,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
+import ipaddress
 import logging
 import os
+import socket
+import struct
 import sys
 import time
 
@@ -29,7 +34,10 @@ from forkd import protocol as p
 from forkd._transports import StreamTransport
 from forkd_agent._lazy import HandOver, answer_until_needed
 
-EARLY = frozenset({"hello", "ping", "info", "identity.refresh"})
+# Host-only method of the VM backend (not part of the agent protocol): gives a
+# child with internet access its own address on eth0 (see configure_network).
+NET_CONFIGURE = "vm.net.configure"
+EARLY = frozenset({"hello", "ping", "info", "identity.refresh", NET_CONFIGURE})
 
 
 class _Early:
@@ -104,6 +112,77 @@ def early_answer(early: _Early, methods: dict):
     return answer
 
 
+# <linux/sockios.h>, <linux/if.h>, <linux/route.h>
+_SIOCGIFFLAGS, _SIOCSIFFLAGS = 0x8913, 0x8914
+_SIOCSIFADDR, _SIOCSIFNETMASK, _SIOCSIFMTU, _SIOCSIFHWADDR = 0x8916, 0x891C, 0x8922, 0x8924
+_SIOCADDRT = 0x890B
+_IFF_UP, _ARPHRD_ETHER, _RTF_UP_GATEWAY = 0x1, 1, 0x1 | 0x2
+
+
+def _ifreq(ifname: str, data: bytes = b"") -> bytes:
+    return struct.pack("16s", ifname.encode()) + data.ljust(24, b"\0")  # struct ifreq: 40 bytes
+
+
+def _sockaddr_in(addr: str) -> bytes:
+    return struct.pack("=H2x4s8x", socket.AF_INET, socket.inet_aton(addr))
+
+
+def configure_network(params: dict) -> dict:
+    """Give ``eth0`` the address, MAC, MTU and default route the host allotted
+    this child, and write /etc/resolv.conf.
+
+    Every child restores the parent's eth0 (down, the snapshot's MAC); a child
+    with internet access is plugged into a bridge port that only passes frames
+    from its own MAC and IPv4 address, so both must be set before the link goes
+    up. Plain ioctls: the template has no ``ip`` tool, and this runs in the
+    early loop (no event loop, no subprocess) right after the restore."""
+    ifname = str(params.get("ifname", "eth0"))
+    mac = bytes.fromhex(str(params["mac"]).replace(":", ""))
+    iface = ipaddress.IPv4Interface(f"{params['ip']}/{int(params['prefixlen'])}")
+    gateway = str(ipaddress.IPv4Address(params["gateway"]))
+    mtu = int(params.get("mtu", 1500))
+    dns = [str(ipaddress.IPv4Address(a)) for a in params.get("dns", [])]
+    if len(mac) != 6:
+        raise ValueError(f"bad MAC {params['mac']!r}")
+    # IPv4 only (the host drops anything else from the port): no IPv6
+    # link-local address, router solicitations or DAD traffic.
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, _SIOCSIFHWADDR, _ifreq(ifname, struct.pack("=H6s", _ARPHRD_ETHER, mac)))
+        fcntl.ioctl(s, _SIOCSIFMTU, _ifreq(ifname, struct.pack("=i", mtu)))
+        fcntl.ioctl(s, _SIOCSIFADDR, _ifreq(ifname, _sockaddr_in(str(iface.ip))))
+        fcntl.ioctl(s, _SIOCSIFNETMASK, _ifreq(ifname, _sockaddr_in(str(iface.netmask))))
+        flags = struct.unpack_from("=H", fcntl.ioctl(s, _SIOCGIFFLAGS, _ifreq(ifname)), 16)[0]
+        fcntl.ioctl(s, _SIOCSIFFLAGS, _ifreq(ifname, struct.pack("=H", flags | _IFF_UP)))
+        # struct rtentry (x86_64, 120 bytes): default route via the gateway.
+        any4 = _sockaddr_in("0.0.0.0")
+        rt = struct.pack(
+            "@L16s16s16sHhLPhPLLH6x", 0, any4, _sockaddr_in(gateway), any4, _RTF_UP_GATEWAY,
+            0, 0, 0, 0, 0, 0, 0, 0,
+        )  # fmt: skip
+        fcntl.ioctl(s, _SIOCADDRT, rt)
+    # Replaced, not rewritten in place: the template's file may be a symlink.
+    tmp = "/etc/.resolv.conf.forkd"
+    with open(tmp, "w") as f:
+        f.write("".join(f"nameserver {a}\n" for a in dns))
+    os.replace(tmp, "/etc/resolv.conf")
+    return {"ifname": ifname, "ip": str(iface), "gateway": gateway, "dns": dns}
+
+
+async def _net_configure(agent, conn, params: dict) -> dict:
+    try:
+        return configure_network(params)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise p.RpcError(p.ErrorCode.INVALID_ARGUMENT, f"{NET_CONFIGURE}: {exc!r}") from None
+    except Exception as exc:
+        # Never let it escape: the early loop runs in PID 1.
+        raise p.RpcError(p.ErrorCode.SANDBOX, f"{NET_CONFIGURE}: {exc}") from None
+
+
 async def serve_full(fd: int, port: str, initial: bytes, early: _Early) -> None:
     from forkd_agent._server import Agent, serve_device
 
@@ -143,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.warmup_file) as f:
             code = f.read()
     load_features()
+    # Registered in the agent's table too, so it also works after the hand-over.
+    METHODS.setdefault(NET_CONFIGURE, _net_configure)
     early = _Early(args.sandbox_id, warm_up(code))
     while True:
         try:

@@ -170,10 +170,12 @@ def command(
     console: Path | None,
     incoming: bool,
     chroot: Path | None = None,
+    tap_fd: int | None = None,
 ) -> list[str]:
     """The QEMU command line for a parent (``share=True``, boots the kernel) or a
     child (``share=False``: a private copy-on-write mapping of the parent's RAM
-    file; waits in ``-incoming defer`` for its device state)."""
+    file; waits in ``-incoming defer`` for its device state). ``tap_fd``: an
+    open queue of a host tap device for the NIC (a child with internet access)."""
     accel = "kvm" if machine.accel == "kvm" else f"tcg,tb-size={machine.tb_size_mb}"
     mem = machine.memory_mb
     args = [
@@ -205,8 +207,14 @@ def command(
         "-blockdev", f"driver=file,filename={upper},node-name=upper-file",
         "-blockdev", "driver=qcow2,file=upper-file,node-name=upper",
         "-device", "virtio-blk-device,drive=upper",
-        # No network unless asked for: the tap lives in QEMU's own, empty network namespace.
-        "-netdev", "tap,id=net0,ifname=forkd0,script=no,downscript=no",
+        # No network unless asked for: the tap lives in QEMU's own, empty network
+        # namespace. With internet access, a queue of a tap on the host's bridge,
+        # opened by the runtime (the netdev backend is not part of the migrated
+        # state, so the device set, and the snapshot, are the same).
+        "-netdev", (
+            f"tap,id=net0,fd={tap_fd}" if tap_fd is not None
+            else "tap,id=net0,ifname=forkd0,script=no,downscript=no"
+        ),
         # No guest announce after a restore: it would make every child's kernel
         # run its netlink and neighbour code for an interface that is down.
         "-device", "virtio-net-device,netdev=net0,mac=52:54:00:00:00:02,guest_announce=off",
