@@ -292,3 +292,23 @@ async def test_close_kills_every_sandbox(template_store, tmp_path):
     assert gateway.backend.children() == []
     assert c.conn.closed.is_set()  # sessions were ended too
     assert {r["sandbox_id"] for r in audit(gateway) if r.get("reason") == "shutdown"} >= set(ids)
+
+
+async def test_internet_access_on_request_and_e2b_template_names(gw, client):
+    # Default: loopback only. allow_internet_access=True: an eth0 behind the isolating NAT bridge.
+    offline = await client.call("sandbox.create")
+    online = await client.call("sandbox.create", allow_internet_access=True)
+    try:
+        out, end = await client.run(online["sandbox_id"], "cat /proc/net/dev; cat /etc/resolv.conf")
+        assert end["exit_code"] == 0 and b"eth0" in out[1]
+        out, _ = await client.run(offline["sandbox_id"], "cat /proc/net/dev")
+        assert b"eth0" not in out[1]
+        assert "base+internet" in gw.pool_stats()
+    finally:
+        for sb in (offline, online):
+            await client.call("sandbox.kill", sandbox_id=sb["sandbox_id"])
+    # E2B's name for the code-interpreter template resolves to forkd's (not built in this suite).
+    with pytest.raises(RpcError) as exc:
+        await client.call("sandbox.create", template="code-interpreter-v1")
+    assert exc.value.code is ErrorCode.TEMPLATE
+    assert "'code-interpreter'" in exc.value.message

@@ -46,6 +46,8 @@ log = logging.getLogger("forkd.gateway")
 _ENDED_MEMORY = 10_000
 _AUDIT_EVENT = {"killed": "kill", "expired": "expire", "exited": "exit", "shutdown": "kill"}
 _TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# E2B's template names, so that code written for E2B that names one explicitly runs unchanged.
+TEMPLATE_ALIASES = {"code-interpreter-v1": "code-interpreter"}
 _STATES = ("running", "paused")
 MAX_LIST_LIMIT = 1000
 
@@ -62,6 +64,9 @@ class Gateway:
         self.metrics = Metrics()
         self.audit = AuditLog(None)
         self.pools: dict[str, WarmPool] = {}
+        # Sandboxes asked for internet access come from pools of their own: their
+        # network is set up per child at fork, so they are forked on demand.
+        self.internet_pools: dict[str, WarmPool] = {}
         self.sandboxes: dict[str, Sandbox] = {}
         self.sessions: set[Session] = set()
         self.leases = Leases(self._expire)
@@ -112,7 +117,8 @@ class Gateway:
         if self._ending:
             await asyncio.gather(*list(self._ending), return_exceptions=True)
         await self.leases.close()
-        await asyncio.gather(*(pool.close() for pool in self.pools.values()), return_exceptions=True)
+        pools = [*self.pools.values(), *self.internet_pools.values()]
+        await asyncio.gather(*(pool.close() for pool in pools), return_exceptions=True)
         if self.backend is not None and self._own_backend:
             with contextlib.suppress(Exception):
                 await self.backend.close()
@@ -152,30 +158,42 @@ class Gateway:
             self.metrics.sessions_active.set(len(self.sessions))
 
     # -- pools --
-    async def _start_pool(self, template: str, min_ready: int, max_total: int, wait: bool) -> WarmPool:
+    async def _start_pool(
+        self, template: str, min_ready: int, max_total: int, wait: bool, internet: bool = False
+    ) -> WarmPool:
         snapshot = await self._spawner.prepare(template)
-        options = SpawnOptions(limits=self.config.limits)
+        options = SpawnOptions(limits=self.config.limits, internet=internet)
         pool = WarmPool(self._spawner, snapshot, min_ready=min_ready, max_total=max_total, options=options)
+        if internet:
+            self.internet_pools[template] = pool
+            return pool
         self.pools[template] = pool
         self.metrics.pool_ready.labels(template).set_function(lambda: pool.stats().ready)
         await pool.start(wait=wait)
         return pool
 
-    async def _pool(self, template: str) -> WarmPool:
-        pool = self.pools.get(template)
+    async def _pool(self, template: str, internet: bool = False) -> WarmPool:
+        pools = self.internet_pools if internet else self.pools
+        pool = pools.get(template)
         if pool is not None:
             return pool
         if not _TEMPLATE_NAME.match(template):
             raise bad(f"bad template name {template!r}")
         async with self._pool_lock:
-            pool = self.pools.get(template)
+            pool = pools.get(template)
             if pool is None:
                 # A template nobody configured gets a pool on first use: none kept ready, forks on demand.
-                pool = await self._start_pool(template, 0, self.config.default_max_total, wait=False)
+                pool = await self._start_pool(
+                    template, 0, self.config.default_max_total, wait=False, internet=internet
+                )
             return pool
 
     def pool_stats(self) -> dict[str, dict]:
-        return {name: pool.stats().as_dict() for name, pool in self.pools.items()}
+        stats = {name: pool.stats().as_dict() for name, pool in self.pools.items()}
+        stats.update(
+            {f"{name}+internet": pool.stats().as_dict() for name, pool in self.internet_pools.items()}
+        )
+        return stats
 
     # -- sandbox lifecycle --
     def _check_running(self) -> None:
@@ -202,13 +220,15 @@ class Gateway:
         self._check_running()
         t0 = time.perf_counter()
         template = template or self.config.default_template
+        template = TEMPLATE_ALIASES.get(template, template)
         seconds = self._lease_seconds(timeout)
-        pool = await self._pool(template)
-        if internet and not pool.options.internet:
-            raise bad(
-                f"sandboxes of {template} on this gateway have no internet access ({self.backend.name} backend)"
-            )
-        child = await pool.take()
+        pool = await self._pool(template, internet=bool(internet))
+        try:
+            child = await pool.take()
+        except p.RpcError:
+            raise
+        except Exception as exc:  # e.g. the host cannot set up the network (no nftables, a clashing subnet)
+            raise p.RpcError(p.ErrorCode.SANDBOX, f"cannot create a sandbox of {template}: {exc}") from None
         if self.state != "running":
             await pool.release(child)
             self._check_running()

@@ -68,6 +68,23 @@ def serve_config(args: argparse.Namespace):
     return cfg
 
 
+def build_pool_templates(cfg) -> None:
+    """Build (once; a no-op when current) the templates the configured pools need,
+    so a fresh host goes from nothing to serving with one command."""
+    from forkd_runtime import TemplateError, TemplateStore, load_spec
+
+    store = TemplateStore(cfg.resolved_templates_dir())
+    for name in cfg.pools:
+        try:
+            spec = load_spec(name)
+        except TemplateError:
+            continue  # not a built-in definition: the gateway reports it if it is not built
+        try:
+            store.build(spec, progress=lambda m: print(f"forkd serve: {m}", flush=True))
+        except TemplateError as exc:
+            raise SystemExit(f"forkd serve: cannot build template {name}: {exc.message}") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -77,6 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = serve_config(args)
     level = cfg.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.no_build:
+        build_pool_templates(cfg)
     gateway = Gateway(cfg)
     server = uvicorn.Server(uvicorn_config(create_app(gateway), cfg.host, cfg.port, log_level=cfg.log_level))
     server.run()
@@ -128,6 +147,11 @@ def _add_serve(sub) -> None:
         "--heartbeat", type=float, default=None, help="ping clients idle this long, seconds (0: never)"
     )
     s.add_argument("--no-wait", action="store_true", help="start listening before the pools are filled")
+    s.add_argument(
+        "--no-build",
+        action="store_true",
+        help="do not build missing templates of the configured pools at start",
+    )
     s.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"))
     s.set_defaults(func=_serve)
 
