@@ -230,3 +230,20 @@ async def test_a_cancelled_foreground_run_kills_its_command(sbx):
             break
         await asyncio.sleep(0.02)
     assert not await sleeping()
+
+
+async def test_code_interpreter_classes_default_to_their_template(gw):
+    # `from forkd.code_interpreter import Sandbox` replaces `from e2b_code_interpreter import Sandbox`:
+    # its default template is the code-interpreter one (not built in this suite, so the gateway says so).
+    from forkd import TemplateException
+    from forkd import code_interpreter as ci
+
+    with pytest.raises(TemplateException) as exc:
+        await ci.AsyncSandbox.create(**gw.opts())
+    assert "'code-interpreter'" in str(exc.value)
+    # An explicit template still wins.
+    s = await ci.AsyncSandbox.create("base", **gw.opts())
+    try:
+        assert isinstance(s, AsyncSandbox) and (await s.run_code("1 + 1")).text == "2"
+    finally:
+        await s.kill()
