@@ -49,7 +49,7 @@ LAYER_DIR = "/opt/forkd/run"
 DEFAULT_DISK_MB = 1024
 LOWER_DIR = "/opt/forkd/lower"  # the template again, as the overlay's lower layer
 LIB_DIR = "/opt/forkd/lib"  # forkd's own code, read-only
-CHILD_DEV = "/tmp/dev"  # prepared by the launcher
+CHILD_DEV = "/tmp/.forkd/dev"  # prepared by the launcher
 MAX_PACKET = 1 << 20
 NETNS_POOL = 128
 # Top up the pool only after this long without a request: a burst of fork

@@ -12,7 +12,8 @@ template's own python3 as the zygote:
     /opt/forkd/run     the host's run directory: per-child layers, read-write
     /opt/forkd/lib     forkd's own code (a private copy), read-only
     /proc, /dev        the host's
-    /tmp/dev           the minimal /dev children bind (read-only, built once)
+    /tmp               a writable tmpfs for the zygote's warm-up
+    /tmp/.forkd/dev    the minimal /dev children bind (read-only, built once)
 """
 
 from __future__ import annotations
@@ -80,7 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     L.mount("proc", f"{stage}/proc", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
     L.mount("/dev", f"{stage}/dev", None, L.MS_BIND | L.MS_REC)
-    prepare_child_dev(f"{stage}/tmp")
+    # A writable /tmp for the zygote (warm-ups write caches: matplotlib's, say),
+    # holding the children's read-only /dev skeleton as a mount of its own.
+    L.mount("tmpfs", f"{stage}/tmp", "tmpfs", L.MS_NOSUID | L.MS_NODEV, "mode=1777,size=256m")
+    os.mkdir(f"{stage}/tmp/.forkd", 0o755)
+    prepare_child_dev(f"{stage}/tmp/.forkd")
     os.chdir(stage)
     L.pivot_root(".", ".")
     L.umount2(".", L.MNT_DETACH)
@@ -91,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
         "PYTHONDONTWRITEBYTECODE": "1",
         "HOME": "/root",
         "LANG": "C.UTF-8",
+        "TMPDIR": "/tmp",
+        # The template's root is read-only: matplotlib keeps its config and font cache here.
+        "MPLCONFIGDIR": "/tmp/forkd-mpl",
         "FORKD_LAUNCH_MS": f"{(time.perf_counter() - t0) * 1000:.1f}",
     }
     enter_userns_and_exec(args.uid_base, ["python3", "-m", "forkd_agent", *agent_args], env)
