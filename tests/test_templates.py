@@ -36,6 +36,13 @@ if [ -n "$FAKE_GATE" ]; then
     while [ ! -e "$FAKE_GATE" ]; do sleep 0.02; done
 fi
 mkdir -p "$target/var/lib/dpkg" "$target/etc"
+case "$*" in *flaky-mirror*)
+    if [ ! -e "$FAKE_LOG.flaked" ]; then
+        touch "$FAKE_LOG.flaked" "$target/partial"
+        echo "E: Failed to fetch http://deb.debian.org/debian/pool/main/x.deb  Temporary failure resolving"
+        exit 1
+    fi;;
+esac
 case "$*" in *no-such-package*)
     echo "E: Unable to locate package no-such-package"
     echo "E: mmdebstrap failed to run"
@@ -393,3 +400,17 @@ def test_real_minimal_build_and_broken_rebuild(tmp_path):
         store.build(broken)
     assert store.get("mini").path == good.path
     assert [p.name for p in store.builds.iterdir()] == [good.path.name]
+
+
+def test_a_download_failure_is_retried_once_and_a_bad_definition_is_not(fake_build):
+    messages: list[str] = []
+    spec = load_spec(str(fake_build.spec("flaky", packages=["python3-minimal", "flaky-mirror"])))
+    template = fake_build.store.build(spec, progress=messages.append)
+    assert "  download failed: trying once more" in messages
+    assert len(fake_build.calls.read_text().splitlines()) == 2
+    assert not (template.rootfs / "partial").exists()  # the second try started from an empty tree
+    # A definition that cannot work fails at once: no second try.
+    broken = load_spec(str(fake_build.spec("bad", packages=["no-such-package"])))
+    with pytest.raises(TemplateError):
+        fake_build.store.build(broken, progress=messages.append)
+    assert len(fake_build.calls.read_text().splitlines()) == 3

@@ -323,16 +323,28 @@ class TemplateStore:
             spec.mirror,
         ]
         progress(f"building template {spec.name}: mmdebstrap {spec.suite} with {len(packages)} packages")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        tail: list[str] = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail = (tail + [line])[-30:]
-            if line.startswith(("I:", "E:", "W:")):
-                progress(f"  {line}")
-        if proc.wait() != 0:
+        for attempt in (1, 2):
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            tail: list[str] = []
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip()
+                tail = (tail + [line])[-30:]
+                if line.startswith(("I:", "E:", "W:")):
+                    progress(f"  {line}")
+            if proc.wait() == 0:
+                return
+            # A mirror hiccup is worth one more try; a bad definition is not.
+            if attempt == 1 and any(m in line for line in tail for m in _TRANSIENT):
+                progress("  download failed: trying once more")
+                shutil.rmtree(rootfs, ignore_errors=True)
+                continue
             raise TemplateError(f"mmdebstrap failed ({proc.returncode}):\n" + "\n".join(tail))
+
+
+# Output of apt/mmdebstrap that means the network, not the definition, failed.
+_TRANSIENT = ("Failed to fetch", "Temporary failure", "Could not resolve", "Connection failed", "Unable to fetch",
+              "Hash Sum mismatch", "Connection timed out")  # fmt: skip
 
 
 def _package_versions(rootfs: Path, with_pip: bool) -> str:
