@@ -213,7 +213,7 @@ async def test_limits_applied_to_qemu_cgroup(vm):
         mem = int((cg.dirs[0] / "memory.max").read_text())
         quota = int((cg.dirs[0] / "cpu.max").read_text().split()[0])
         pids = int((cg.dirs[0] / "pids.max").read_text())
-    from forkd_runtime.vm._backend import QEMU_OVERHEAD_MB
+    from forkd_runtime.vm._vm_limits import QEMU_OVERHEAD_MB
 
     assert mem == (300 + QEMU_OVERHEAD_MB) << 20 and quota == 50_000 and pids == 64
     # QEMU runs unprivileged and sandboxed once started.

@@ -1,0 +1,211 @@
+"""One QEMU process: its handle, its start (channels, cgroup, QMP) and its cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from forkd._connection import Connection
+from forkd._transports import StreamTransport
+
+from .._backend import Limits
+from .._cgroups import Cgroup
+from .._network import NetHandle
+from ._qmp import Qmp
+from ._vm_limits import with_overhead
+
+__all__ = ["VmProcess", "VmProcesses", "start_time"]
+
+log = logging.getLogger("forkd.runtime.vm")
+
+# A pipe that holds a whole device state (~70 KB) without blocking the writer.
+PIPE_SIZE = 1 << 20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_CLONE_NEWNET = 0x40000000
+_PR_SET_THP_DISABLE = 41
+
+
+def _qemu_preexec() -> None:
+    # Runs in the forked child before exec. An empty network namespace: the VM
+    # has no network unless one is plugged in for it. No transparent huge
+    # pages: QEMU asks for them on its translation cache, and each 2 MiB page
+    # touched would count whole against a child that uses a few KiB of it.
+    if _libc.unshare(_CLONE_NEWNET) != 0:
+        os._exit(126)
+    _libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
+
+
+@dataclass(eq=False)
+class VmProcess:
+    """One QEMU process and what the runtime holds of it."""
+
+    id: str
+    run: Path
+    proc: subprocess.Popen
+    pidfd: int
+    qmp: Qmp
+    agent_sock: socket.socket
+    # Write end of the pipe QEMU reads its device state from (pool processes).
+    state_w: int = -1
+    state_r: int = -1
+    cgroup: Cgroup | None = None
+    limits: Limits | None = None
+    conn: Connection | None = None
+    killed: bool = False
+    # Its tap on the bridge (a child with internet access).
+    net: NetHandle | None = None
+    exited: asyncio.Future | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class VmProcesses:
+    """Starting and destroying QEMU processes (mixed into ``VmBackend``: uses its
+    ``run_root``, ``empty``, ``cgroups``, ``network`` and ``_vms``)."""
+
+    async def _launch(
+        self,
+        vid: str,
+        build: Callable[[int, int], list[str]],
+        limits: Limits,
+        incoming: bool,
+        run: Path | None = None,
+        extra_fds: tuple[int, ...] = (),
+    ) -> VmProcess:
+        """Start QEMU with its channels as inherited socketpairs (``build(qmp_fd,
+        agent_fd)`` makes the command line); into its cgroup at once; QMP
+        negotiated before this returns. ``incoming``: also hand it the read end
+        of a pipe to load its device state from (``vm.state_r``)."""
+        if run is None:
+            run = self.run_root / vid
+            run.mkdir(mode=0o700)
+        q_ours, q_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        a_ours, a_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        state_r = state_w = -1
+        fds = [q_theirs.fileno(), a_theirs.fileno(), *extra_fds]
+        try:
+            if incoming:
+                state_r, state_w = os.pipe2(os.O_CLOEXEC)
+                # Room for the whole device state: the restore is then one write.
+                fcntl.fcntl(state_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+                os.set_blocking(state_w, False)
+                fds.append(state_r)
+            with open(run / "qemu.log", "wb") as logf:
+                proc = subprocess.Popen(
+                    build(q_theirs.fileno(), a_theirs.fileno()),
+                    pass_fds=fds,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=logf,
+                    preexec_fn=_qemu_preexec,
+                    cwd=self.empty,
+                )
+        except BaseException:
+            for sk in (q_ours, q_theirs, a_ours, a_theirs):
+                sk.close()
+            for fd in (state_r, state_w):
+                if fd >= 0:
+                    os.close(fd)
+            shutil.rmtree(run, ignore_errors=True)
+            raise
+        q_theirs.close()
+        a_theirs.close()
+        (run / "pid").write_text(f"{proc.pid} {start_time(proc.pid)}\n")
+        pidfd = os.pidfd_open(proc.pid)
+        loop = asyncio.get_running_loop()
+        vm = VmProcess(
+            id=vid, run=run, proc=proc, pidfd=pidfd, qmp=Qmp(vid), agent_sock=a_ours, state_w=state_w
+        )
+        vm.state_r = state_r
+        vm.exited = loop.create_future()
+        loop.add_reader(pidfd, self._on_exit, vm)
+        self._vms.add(vm)
+        try:
+            vm.cgroup = self.cgroups.create(vid, with_overhead(limits))
+            vm.limits = limits
+            vm.cgroup.add(proc.pid)
+            q_ours.setblocking(False)
+            await vm.qmp.connect(q_ours)
+        except BaseException:
+            await self._destroy(vm)
+            raise
+        return vm
+
+    def _on_exit(self, vm: VmProcess) -> None:
+        asyncio.get_running_loop().remove_reader(vm.pidfd)
+        if vm.exited is not None and not vm.exited.done():
+            vm.exited.set_result(vm.proc.poll())
+
+    async def _connect_agent(self, vm: VmProcess) -> Connection:
+        vm.agent_sock.setblocking(False)
+        transport = await StreamTransport.from_socket(vm.agent_sock)
+        vm.conn = Connection(transport, name=vm.id)
+        vm.conn.start()
+        return vm.conn
+
+    async def _destroy(self, vm: VmProcess) -> None:
+        """Kill a QEMU process and remove everything it held. Idempotent."""
+        if vm.killed:
+            return
+        vm.killed = True
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(vm.pidfd, signal.SIGKILL)
+        if vm.conn is not None:
+            await vm.conn.close("killed")
+        with contextlib.suppress(OSError):
+            vm.agent_sock.close()
+        await vm.qmp.close()
+        if vm.exited is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(vm.exited), 10)
+            except TimeoutError:
+                log.error("QEMU %s (pid %d) did not exit within 10 s of SIGKILL", vm.id, vm.pid)
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(vm.pidfd)
+        vm.proc.poll()
+        if vm.net is not None and self.network is not None:
+            # After QEMU is gone: its address is never reused while it could still send.
+            try:
+                await self.network.detach(vm.net)
+            except Exception as exc:
+                log.error("vm %s: removing its tap %s failed: %s", vm.id, vm.net.ifname, exc)
+            vm.net = None
+        with contextlib.suppress(OSError):
+            os.close(vm.pidfd)
+        for fd in (vm.state_r, vm.state_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        vm.state_r = vm.state_w = -1
+        if vm.cgroup is not None:
+            for _ in range(200):
+                vm.cgroup.kill()
+                if vm.cgroup.remove():
+                    break
+                await asyncio.sleep(0.005)
+        await asyncio.to_thread(shutil.rmtree, vm.run, True)
+        self._vms.discard(vm)
+
+
+def start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "0"
