@@ -8,6 +8,7 @@ and never touches another runtime's sandboxes on the same host. v1 mounts each c
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -75,6 +76,18 @@ class Cgroup:
             except OSError:
                 ok = False
         return ok
+
+    async def kill_and_remove(self, timeout: float = 1.0, interval: float = 0.005) -> bool:
+        """Kill what is inside and remove the cgroup, retrying while the kernel is
+        still tearing its tasks down. False if it is still there after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.kill()
+            if self.remove():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(interval)
 
     def memory_events(self) -> dict[str, int]:
         """OOM kills etc., for telling a caller that a sandbox died of memory."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -40,7 +39,7 @@ from ._backend import Backend, Child, Limits, Snapshot, SpawnError, SpawnOptions
 from ._cgroups import Cgroup, Cgroups, detect
 from ._network import NetHandle, NetworkManager
 from ._seccomp import filter_file
-from ._state import state_dir
+from ._state import state_dir, take_state_lock
 from ._templates import Template, TemplateStore
 
 __all__ = ["ProcessBackend", "UID_BASE"]
@@ -194,12 +193,9 @@ class ProcessBackend(Backend):
         if self._started:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.state / "process-backend.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpawnError(f"another forkd runtime is using {self.state}") from None
+        fd = take_state_lock(self.state / "process-backend.lock")
+        if fd is None:
+            raise SpawnError(f"another forkd runtime is using {self.state}")
         self._lock_fd = fd
         await self.reconcile()
         self._started = True
@@ -209,12 +205,8 @@ class ProcessBackend(Backend):
         child layer directories, zygote stages. Only safe while we hold the lock."""
         removed = {"cgroups": 0, "layers": 0}
         for cg in self.cgroups.existing():
-            cg.kill()
-            for _ in range(100):
-                if cg.remove():
-                    removed["cgroups"] += 1
-                    break
-                await asyncio.sleep(0.01)
+            if await cg.kill_and_remove(timeout=2.0):
+                removed["cgroups"] += 1
         for entry in self.run_dir.iterdir():
             if entry.is_dir():
                 await asyncio.to_thread(shutil.rmtree, entry, True)
@@ -456,11 +448,7 @@ class ProcessBackend(Backend):
             # After the exit: the kernel is already tearing the namespace down.
             await self.net.detach(h.net)
         if h.cgroup is not None:
-            for _ in range(200):
-                h.cgroup.kill()
-                if h.cgroup.remove():
-                    break
-                await asyncio.sleep(0.005)
+            await h.cgroup.kill_and_remove()
 
     async def _wait_exit(self, pidfd: int, timeout: float = 5.0) -> None:
         loop = asyncio.get_running_loop()

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -49,7 +48,7 @@ from pathlib import Path
 from .._backend import Backend, Child, Limits, Snapshot, SpawnError, SpawnOptions
 from .._cgroups import Cgroups, detect
 from .._network import NetworkError, NetworkManager
-from .._state import state_dir
+from .._state import state_dir, take_state_lock
 from .._templates import TemplateStore
 from ._parent import ParentBoot
 from ._pool import WarmPool
@@ -138,12 +137,9 @@ class VmBackend(SnapshotCatalog, ParentBoot, WarmPool, VmProcesses, ChildNetwork
         for d in (self.snap_root, self.run_root, self.empty):
             d.mkdir(parents=True, exist_ok=True)
         os.chmod(self.empty, 0o555)
-        fd = os.open(self.state / "vm-backend.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpawnError(f"another forkd VM runtime is using {self.state}") from None
+        fd = take_state_lock(self.state / "vm-backend.lock")
+        if fd is None:
+            raise SpawnError(f"another forkd VM runtime is using {self.state}")
         self._lock_fd = fd
         self.machine = await asyncio.to_thread(Machine.detect, memory_mb=self.memory_mb, accel=self._accel)
         await self.reconcile()

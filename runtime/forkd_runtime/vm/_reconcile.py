@@ -29,12 +29,8 @@ class Reconcile:
         and RAM files no snapshot owns. Only safe while we hold the lock."""
         removed = {"cgroups": 0, "processes": 0, "runs": 0, "snapshots": 0, "memory_files": 0}
         for cg in self.cgroups.existing():
-            cg.kill()
-            for _ in range(200):
-                if cg.remove():
-                    removed["cgroups"] += 1
-                    break
-                await asyncio.sleep(0.01)
+            if await cg.kill_and_remove(timeout=2.0):
+                removed["cgroups"] += 1
         for entry in list(self.run_root.iterdir()):
             if _kill_recorded(entry):
                 removed["processes"] += 1

@@ -194,11 +194,7 @@ class VmProcesses:
                     os.close(fd)
         vm.state_r = vm.state_w = -1
         if vm.cgroup is not None:
-            for _ in range(200):
-                vm.cgroup.kill()
-                if vm.cgroup.remove():
-                    break
-                await asyncio.sleep(0.005)
+            await vm.cgroup.kill_and_remove()
         await asyncio.to_thread(shutil.rmtree, vm.run, True)
         self._vms.discard(vm)
 
