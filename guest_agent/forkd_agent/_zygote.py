@@ -45,7 +45,11 @@ NS_FLAGS = L.CLONE_NEWNS | L.CLONE_NEWPID | L.CLONE_NEWUTS | L.CLONE_NEWIPC
 # Each child mounts its own tmpfs here (in its private mount namespace) for its
 # writable layer: a per-sandbox disk quota, charged to its memory cgroup, gone
 # with the sandbox. The zygote's own view of this directory is the host's.
-LAYER_DIR = "/opt/forkd/run"
+LAYER_DIR = "/tmp/.forkd/layer"  # prepared by the launcher
+# Frozen layers captured from live sandboxes (BRANCH): the runtime writes them in
+# the zygote's run directory; a branch's children stack them over the template.
+SEEDS_DIR = "/opt/forkd/run/seeds"
+LAYER_FD = 4  # children keep their layer open here, so the runtime can capture it
 DEFAULT_DISK_MB = 1024
 LOWER_DIR = "/opt/forkd/lower"  # the template again, as the overlay's lower layer
 LIB_DIR = "/opt/forkd/lib"  # forkd's own code, read-only
@@ -231,9 +235,10 @@ class ChildPlan:
         self.layer_flags = c(L.MS_NOSUID | L.MS_NODEV)
         self.subdirs = tuple(f"{layer}/{d}" for d in ("upper", "work", "merged"))
         self.root = root
-        overlay = f"lowerdir={LOWER_DIR},upperdir={layer}/upper,workdir={layer}/work,userxattr"
+        self._overlay_root = root.encode()
+        self._overlays: dict[tuple, tuple] = {}
+        self.plain_overlay = self.overlay(())
         self.mounts = (
-            (b"overlay", root.encode(), b"overlay", c(0), overlay.encode()),
             (b"proc", f"{root}/proc".encode(), b"proc", c(L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC), None),
             # /dev: the launcher's read-only skeleton, plus a private devpts and shm.
             (CHILD_DEV.encode(), f"{root}/dev".encode(), None, c(L.MS_BIND | L.MS_REC), None),
@@ -252,6 +257,27 @@ class ChildPlan:
         self.detach = ctypes.c_int(L.MNT_DETACH)
         self.seccomp = L.SeccompProgram(seccomp) if seccomp else None
         self._tmpfs: dict[int, bytes] = {}
+
+    def overlay(self, seeds: tuple = ()) -> tuple:
+        """mount(2) arguments of the root overlay: the child's layer over the
+        seeds it inherits (newest first), over the template."""
+        args = self._overlays.get(seeds)
+        if args is None:
+            for seed in seeds:
+                if (
+                    not isinstance(seed, str)
+                    or "/" in seed
+                    or "," in seed
+                    or ":" in seed
+                    or seed.startswith(".")
+                ):
+                    raise ValueError(f"bad seed layer name {seed!r}")
+            lower = ":".join([*(f"{SEEDS_DIR}/{s}" for s in seeds), LOWER_DIR])
+            layer = LAYER_DIR
+            opts = f"lowerdir={lower},upperdir={layer}/upper,workdir={layer}/work,userxattr"
+            args = (b"overlay", self._overlay_root, b"overlay", ctypes.c_ulong(0), opts.encode())
+            self._overlays[seeds] = args
+        return args
 
     def tmpfs_options(self, disk_mb: int) -> bytes:
         opts = self._tmpfs.get(disk_mb)
@@ -291,8 +317,16 @@ def _setup_sandbox(spec: dict, plan: ChildPlan, fresh_netns: bool) -> None:
     disk_mb = spec.get("disk_mb") or DEFAULT_DISK_MB
     if mount(b"tmpfs", plan.layer, b"tmpfs", plan.layer_flags, plan.tmpfs_options(disk_mb)):
         raise L.last_error("mount the writable layer")
+    # Held open for the runtime: /proc/<pid>/fd/4 is this layer, whatever mounts hide it.
+    fd = os.open(LAYER_DIR, os.O_PATH | os.O_DIRECTORY)
+    if fd != LAYER_FD:
+        os.dup2(fd, LAYER_FD)
+        os.close(fd)
     for d in plan.subdirs:
         os.mkdir(d, 0o755)
+    seeds = spec.get("seeds")
+    if mount(*(plan.overlay(tuple(seeds)) if seeds else plan.plain_overlay)):
+        raise L.last_error("mount the root overlay")
     for args in plan.mounts:
         if mount(*args):
             raise L.last_error(f"mount {args[1]!r}")

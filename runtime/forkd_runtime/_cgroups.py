@@ -77,6 +77,37 @@ class Cgroup:
                 ok = False
         return ok
 
+    async def freeze(self, timeout: float = 5.0) -> None:
+        """Stop every task inside (cgroup v2 cgroup.freeze, v1 freezer) and wait until it is done."""
+        await self._set_frozen(True, timeout)
+
+    async def thaw(self, timeout: float = 5.0) -> None:
+        await self._set_frozen(False, timeout)
+
+    async def _set_frozen(self, frozen: bool, timeout: float) -> None:
+        if self.owner.version == 2:
+            control, value = self.dirs[0] / "cgroup.freeze", "1" if frozen else "0"
+
+            def done() -> bool:
+                return f"frozen {value}" in (self.dirs[0] / "cgroup.events").read_text()
+        else:
+            freezer = next((d for d in self.dirs if (d / "freezer.state").exists()), None)
+            if freezer is None:
+                raise CgroupError(
+                    f"cgroup {self.name} has no freezer (is the v1 freezer controller mounted?)"
+                )
+            control, value = freezer / "freezer.state", "FROZEN" if frozen else "THAWED"
+
+            def done() -> bool:
+                return (freezer / "freezer.state").read_text().strip() == value
+
+        _write(control, value)
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise CgroupError(f"cgroup {self.name} did not become {value} within {timeout} s")
+            await asyncio.sleep(0.0005)
+
     async def kill_and_remove(self, timeout: float = 1.0, interval: float = 0.005) -> bool:
         """Kill what is inside and remove the cgroup, retrying while the kernel is
         still tearing its tasks down. False if it is still there after ``timeout``."""

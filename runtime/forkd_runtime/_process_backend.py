@@ -46,6 +46,23 @@ __all__ = ["ProcessBackend", "UID_BASE"]
 
 log = logging.getLogger("forkd.runtime.process")
 
+LAYER_FD = 4  # where each child keeps its writable layer open (forkd_agent._zygote)
+
+
+def _copy_layer(source: str, dest: Path) -> None:
+    """Copy an overlay upper layer exactly: owners, modes, times, extended
+    attributes (overlay's own markers) and whiteouts (device nodes)."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    result = subprocess.run(
+        ["cp", "-a", "--reflink=auto", f"{source}/.", str(tmp)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SpawnError(f"cannot capture the sandbox's files: {result.stderr.strip()}")
+    os.chmod(tmp, 0o755)
+    os.rename(tmp, dest)
+
+
 # Sandbox root is this host uid (systemd reserves 524288+ for container ranges).
 UID_BASE = 524288
 CHUNK = 16
@@ -345,6 +362,7 @@ class ProcessBackend(Backend):
                         "entropy": os.urandom(32),
                         "disk_mb": options.limits.disk_mb,
                         "resolv_conf": resolv_conf,
+                        "seeds": snapshot.meta.get("seeds", []),
                     }
                 )
             result, fds = await z.request("fork", {"children": specs})
@@ -388,6 +406,43 @@ class ProcessBackend(Backend):
             await self.kill(child)
             raise SpawnError(f"{cid}: did not come up: {exc}") from None
         return child
+
+    async def capture(self, child: Child) -> Snapshot:
+        """A snapshot of a live child's filesystem: its writable layer, copied
+        while the child is frozen, becomes a read-only layer that the snapshot's
+        children stack over the source's own layers (so a branch of a branch copies
+        only what changed since the last one). The child keeps running.
+
+        What carries over is the filesystem; the caller handles the rest of the
+        state (see docs/branch-design.md)."""
+        h: _Handle = child.handle
+        if h.killed or not child.alive or h.cgroup is None:
+            raise SpawnError(f"{child.id} is not running")
+        z = self._zygotes.get(child.snapshot.template)
+        if z is None or not z.alive():
+            raise SpawnError(f"the zygote of {child.snapshot.template} is gone")
+        seed = f"seed-{uuid.uuid4().hex[:16]}"
+        seeds_dir = z.run_dir / "seeds"
+        seeds_dir.mkdir(mode=0o755, exist_ok=True)
+        source = f"/proc/{child.pid}/fd/{LAYER_FD}/upper"
+        t0 = time.monotonic()
+        await h.cgroup.freeze()
+        try:
+            await asyncio.to_thread(_copy_layer, source, seeds_dir / seed)
+        finally:
+            await h.cgroup.thaw()
+        paused = time.monotonic() - t0
+        return Snapshot(
+            id=seed,
+            template=child.snapshot.template,
+            backend=self.name,
+            parent=child.snapshot,
+            meta={
+                **child.snapshot.meta,
+                "seeds": [seed, *child.snapshot.meta.get("seeds", [])],
+                "pause_s": paused,
+            },
+        )
 
     def activate(self, child: Child) -> None:
         # The zygote runs at NICE (so do its children until now): see _zygote_launch.

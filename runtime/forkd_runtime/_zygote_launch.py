@@ -120,6 +120,9 @@ def prepare_child_dev(where: str) -> None:
         L.mount(f"/dev/{name}", f"{dev}/{name}", None, L.MS_BIND)
     os.mkdir(f"{dev}/pts", 0o755)
     os.mkdir(f"{dev}/shm", 0o1777)
+    # Where each child mounts its own writable layer (a tmpfs, in its own mount
+    # namespace): outside /opt/forkd/run, which holds the layers branches stack on.
+    os.mkdir(f"{where}/layer", 0o755)
     os.symlink("pts/ptmx", f"{dev}/ptmx")
     os.symlink("/proc/self/fd", f"{dev}/fd")
     for i, name in enumerate(("stdin", "stdout", "stderr")):
