@@ -80,6 +80,26 @@ def baseline(rootfs: Path, n: int, parallel: int) -> float:
     return asyncio.run(run())
 
 
+async def measure_spawn(backend, snap, n: int, pss_of) -> dict:
+    """Spawn ``n`` children of ``snap``, time them, weigh them (``pss_of(pid)`` KiB), kill them."""
+    t0 = time.monotonic()
+    kids = await backend.spawn(snap, n)
+    ready_s = time.monotonic() - t0
+    per_child = sorted((k.ready_at - t0) * 1000 for k in kids)
+    pss = [pss_of(k.pid) for k in kids]
+    t1 = time.monotonic()
+    await asyncio.gather(*(backend.kill(k) for k in kids))
+    teardown_s = time.monotonic() - t1
+    return {
+        "n_ready": len(kids),
+        "ready_s": round(ready_s, 4),
+        "per_child_ms_p50": round(statistics.median(per_child), 2),
+        "per_child_ms_p90": round(per_child[int(0.9 * (len(per_child) - 1))], 2),
+        "pss_mib_per_child": round(statistics.mean(pss) / 1024, 3),
+        "teardown_s": round(teardown_s, 4),
+    }
+
+
 async def spawn_process(store: TemplateStore, template: str, n: int) -> dict:
     from forkd_runtime._process_backend import ProcessBackend
 
@@ -91,24 +111,9 @@ async def spawn_process(store: TemplateStore, template: str, n: int) -> dict:
             # Steady state: the zygote has made its network namespaces ahead (as it
             # does whenever it is idle); the cold figure is reported separately.
             await backend.settle(template)
-            t0 = time.monotonic()
-            kids = await backend.spawn(snap, n)
-            ready_s = time.monotonic() - t0
-            per_child = sorted((k.ready_at - t0) * 1000 for k in kids)
-            pss = [tree_pss_kib(k.pid) for k in kids]
-            t1 = time.monotonic()
-            await asyncio.gather(*(backend.kill(k) for k in kids))
-            teardown_s = time.monotonic() - t1
+            return await measure_spawn(backend, snap, n, tree_pss_kib)
         finally:
             await backend.close()
-    return {
-        "n_ready": len(kids),
-        "ready_s": round(ready_s, 4),
-        "per_child_ms_p50": round(statistics.median(per_child), 2),
-        "per_child_ms_p90": round(per_child[int(0.9 * (len(per_child) - 1))], 2),
-        "pss_mib_per_child": round(statistics.mean(pss) / 1024, 3),
-        "teardown_s": round(teardown_s, 4),
-    }
 
 
 async def spawn_vm(store: TemplateStore, template: str, n: int, cold_boots: int) -> dict:
@@ -124,14 +129,7 @@ async def spawn_vm(store: TemplateStore, template: str, n: int, cold_boots: int)
             await backend.warm(snap, n)
             pool_fill_s = time.monotonic() - t0
             await asyncio.sleep(1.0)  # let the pool's processes go idle
-            t0 = time.monotonic()
-            kids = await backend.spawn(snap, n)
-            ready_s = time.monotonic() - t0
-            per_child = sorted((k.ready_at - t0) * 1000 for k in kids)
-            pss = [pss_kib(k.pid) for k in kids]
-            t1 = time.monotonic()
-            await asyncio.gather(*(backend.kill(k) for k in kids))
-            teardown_s = time.monotonic() - t1
+            figures = await measure_spawn(backend, snap, n, pss_kib)
             # The baseline: cold boots to a warm, answering agent (cores at a time).
             batches = max(1, cold_boots // cores)
             t2 = time.monotonic()
@@ -143,12 +141,7 @@ async def spawn_vm(store: TemplateStore, template: str, n: int, cold_boots: int)
             await backend.close()
     return {
         "accel": snap.meta["accel"],
-        "n_ready": len(kids),
-        "ready_s": round(ready_s, 4),
-        "per_child_ms_p50": round(statistics.median(per_child), 2),
-        "per_child_ms_p90": round(per_child[int(0.9 * (len(per_child) - 1))], 2),
-        "pss_mib_per_child": round(statistics.mean(pss) / 1024, 3),
-        "teardown_s": round(teardown_s, 4),
+        **figures,
         "pool_fill_s": round(pool_fill_s, 3),
         "parent_boot_s": snap.meta["boot_s"],
         "snapshot_ms": snap.meta["snapshot_ms"],
