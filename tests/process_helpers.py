@@ -125,3 +125,25 @@ def mountinfo() -> list[str]:
     """The host's mount table, without the per-mount ids that differ between reads."""
     with open("/proc/self/mountinfo") as f:
         return sorted(" ".join(line.split()[3:]) for line in f)
+
+
+async def run_code(child, code: str, context: str | None = None) -> dict:
+    """code.run in ``child``'s agent; returns the response with "stdout" added."""
+    conn = child.conn
+    s = conn.open_inbound()
+    params = {"code": code, "stream": s.id}
+    if context is not None:
+        params["context"] = context
+    result = await conn.request("code.run", params, timeout=60)
+    out = bytearray()
+    async for fd, _off, data in s:
+        if fd == 1:
+            out.extend(data)
+    return {**result, "stdout": out.decode()}
+
+
+async def eval_in(child, expr: str, context: str | None = None):
+    params = {"expr": expr} if context is None else {"expr": expr, "context": context}
+    result = await child.conn.request("code.eval", params, timeout=60)
+    assert result.get("error") is None, result
+    return result["value"]

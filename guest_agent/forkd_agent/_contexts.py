@@ -93,6 +93,18 @@ class Contexts:
         self._by_id[ctx.id] = ctx
         return ctx
 
+    def adopt(self, cid: str, cwd: str | None, envs: dict[str, str]) -> Context:
+        """A context with a given id (a branch's copy of its source's), replacing
+        any context of that id; its kernel starts when it is first used."""
+        old = self._by_id.pop(cid, None)
+        if old is not None:
+            old.removed = True
+            if old.kernel is not None:
+                old.kernel.kill("its context was replaced")
+        ctx = Context(cid, cwd or _default_cwd(), envs)
+        self._by_id[cid] = ctx
+        return ctx
+
     def get(self, cid: str | None) -> Context:
         cid = cid or DEFAULT_CONTEXT
         ctx = self._by_id.get(cid)

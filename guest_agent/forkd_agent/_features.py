@@ -2,4 +2,4 @@
 
 
 def load_features() -> None:
-    from . import _contexts, _files, _identity, _process_methods, _process_table, _server, _watch  # noqa: F401
+    from . import _branch, _contexts, _files, _identity, _process_methods, _process_table, _server, _watch  # noqa: F401

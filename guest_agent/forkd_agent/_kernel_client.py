@@ -6,7 +6,9 @@ starts it; _kernel_session.py is what runs inside it. Its fds 1 and 2 are pipes
 the agent reads, so print() and a subprocess's output are captured alike.
 
 Messages are protocol Notifications in length-prefixed frames:
-  agent -> kernel: run {code, envs}, eval {expr}, reseed {seed}, ack {}
+  agent -> kernel: run {code, envs}, eval {expr}, reseed {seed}, ack {},
+                   export {} and restore {count} (each with descriptors, see
+                   _kernel_state.py)
   kernel -> agent: started {}, result {result}, done {...}
 A kernel serves one job (run or eval) at a time: the agent sends the next job
 only after the previous one's ``done``. ``reseed`` may be sent at any time; the
@@ -116,9 +118,10 @@ class Kernel:
             self.loop.add_reader(fd, self._on_pipe, kfd)
 
     # -- jobs --
-    def submit(self, job: Job, op: str, params: dict) -> None:
+    def submit(self, job: Job, op: str, params: dict, fds: tuple[int, ...] = ()) -> None:
         """Start a job; its events arrive in ``job``. Synchronous, so jobs reach
-        the kernel in the order their handlers called this."""
+        the kernel in the order their handlers called this. ``fds`` travel with
+        the job's message (the caller keeps and closes its own copies)."""
         assert self.job is None, "kernel busy"
         job.kernel = self
         if not self.alive:
@@ -130,7 +133,7 @@ class Kernel:
                 if buf:
                     job.push(("out", kfd, bytes(buf)))
                     buf.clear()
-        self._send(op, params)
+        self._send(op, params, fds)
 
     def interrupt(self, job: Job) -> bool:
         """SIGINT the job's user code; False when the job is already over."""
@@ -297,15 +300,17 @@ class Kernel:
             with contextlib.suppress(OSError):
                 os.kill(self.pid, sig)
 
-    def _send(self, op: str, params: dict) -> None:
+    def _send(self, op: str, params: dict, fds: tuple[int, ...] = ()) -> None:
         if not self.alive:
             return
         data = p.frame(p.encode(p.Notification(op, params)))
         if self._wbuf:
+            if fds:  # descriptors ride on the message's first byte: it must go now
+                raise RuntimeError("the kernel's channel is backed up")
             self._wbuf += data
             return
         try:
-            n = self.sock.send(data)
+            n = socket.send_fds(self.sock, [data], list(fds)) if fds else self.sock.send(data)
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError:

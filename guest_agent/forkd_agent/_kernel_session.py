@@ -22,7 +22,7 @@ from typing import Any
 
 from forkd import protocol as p
 
-from . import _display
+from . import _display, _kernel_state
 from ._kernel_client import MAX_FRAME, READ_SIZE
 
 # Objects of the agent the child must never free: their finalizers would close
@@ -65,6 +65,7 @@ class Session:
         self.pid = os.getpid()
         self.frames = p.FrameReader(MAX_FRAME)
         self.inbox: deque = deque()
+        self.fds: list[int] = []  # descriptors the agent sent with the last message
         self.count = 0
         self.shown: list = []  # figures displayed by this cell
         self.aloop: asyncio.AbstractEventLoop | None = None
@@ -90,6 +91,12 @@ class Session:
                 self._job(self._eval, params)
             elif method == "reseed":
                 self._reseed(params)
+            elif method == "export":
+                self._job(self._export, params)
+            elif method == "restore":
+                self._job(self._restore, params)
+            if not self.inbox:
+                self._close_fds()  # strays: no message is left to claim them
 
     def _job(self, fn, params: dict) -> None:
         try:
@@ -100,10 +107,31 @@ class Session:
         self._flush_streams()
         self._send("done", payload)
 
+    def _export(self, params: dict) -> dict:
+        return _kernel_state.export(self, self._take_fds(2))
+
+    def _restore(self, params: dict) -> dict:
+        report = _kernel_state.restore(self, self._take_fds(1))
+        count = params.get("count")
+        if type(count) is int and count >= 0:
+            self.count = count
+        return report
+
     # -- channel --
+    def _take_fds(self, n: int) -> list[int]:
+        fds, self.fds = self.fds[:n], self.fds[n:]
+        return fds
+
+    def _close_fds(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+
     def _recv(self) -> tuple[str, dict] | None:
         while not self.inbox:
-            data = self.sock.recv(READ_SIZE)
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, READ_SIZE, 4)
+            self.fds.extend(fds)
             if not data:
                 return None
             self.frames.feed(data)

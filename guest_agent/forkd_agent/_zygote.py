@@ -50,6 +50,7 @@ LAYER_DIR = "/tmp/.forkd/layer"  # prepared by the launcher
 # the zygote's run directory; a branch's children stack them over the template.
 SEEDS_DIR = "/opt/forkd/run/seeds"
 LAYER_FD = 4  # children keep their layer open here, so the runtime can capture it
+STATE_FD = 5  # a branch child's snapshot directory (saved code contexts), see _branch.py
 DEFAULT_DISK_MB = 1024
 LOWER_DIR = "/opt/forkd/lower"  # the template again, as the overlay's lower layer
 LIB_DIR = "/opt/forkd/lib"  # forkd's own code, read-only
@@ -264,20 +265,18 @@ class ChildPlan:
         args = self._overlays.get(seeds)
         if args is None:
             for seed in seeds:
-                if (
-                    not isinstance(seed, str)
-                    or "/" in seed
-                    or "," in seed
-                    or ":" in seed
-                    or seed.startswith(".")
-                ):
-                    raise ValueError(f"bad seed layer name {seed!r}")
+                self.check_seed(seed)
             lower = ":".join([*(f"{SEEDS_DIR}/{s}" for s in seeds), LOWER_DIR])
             layer = LAYER_DIR
             opts = f"lowerdir={lower},upperdir={layer}/upper,workdir={layer}/work,userxattr"
             args = (b"overlay", self._overlay_root, b"overlay", ctypes.c_ulong(0), opts.encode())
             self._overlays[seeds] = args
         return args
+
+    @staticmethod
+    def check_seed(seed: object) -> None:
+        if not isinstance(seed, str) or not seed or seed.startswith(".") or any(c in seed for c in "/,:"):
+            raise ValueError(f"bad seed layer name {seed!r}")
 
     def tmpfs_options(self, disk_mb: int) -> bytes:
         opts = self._tmpfs.get(disk_mb)
@@ -327,6 +326,13 @@ def _setup_sandbox(spec: dict, plan: ChildPlan, fresh_netns: bool) -> None:
     seeds = spec.get("seeds")
     if mount(*(plan.overlay(tuple(seeds)) if seeds else plan.plain_overlay)):
         raise L.last_error("mount the root overlay")
+    state = spec.get("state")
+    if state:  # reachable only from here: the sealed root hides SEEDS_DIR
+        plan.check_seed(state)
+        fd = os.open(f"{SEEDS_DIR}/{state}", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+        if fd != STATE_FD:
+            os.dup2(fd, STATE_FD)
+            os.close(fd)
     for args in plan.mounts:
         if mount(*args):
             raise L.last_error(f"mount {args[1]!r}")

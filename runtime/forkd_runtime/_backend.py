@@ -14,11 +14,34 @@ from typing import Any
 
 from forkd._connection import Connection
 
-__all__ = ["Limits", "SpawnOptions", "Snapshot", "Child", "Backend", "SpawnError"]
+__all__ = [
+    "Limits",
+    "SpawnOptions",
+    "Snapshot",
+    "Child",
+    "Backend",
+    "SpawnError",
+    "BranchError",
+    "BranchBusy",
+    "SnapshotInUse",
+]
 
 
 class SpawnError(Exception):
     pass
+
+
+class BranchError(SpawnError):
+    """A live sandbox cannot be captured now (dead, busy, or the backend cannot)."""
+
+
+class BranchBusy(BranchError):
+    """The sandbox is in the middle of something a branch must not cut: code
+    running in a context, or another branch of it."""
+
+
+class SnapshotInUse(Exception):
+    """A snapshot cannot be deleted: children or other snapshots depend on it."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +119,20 @@ class Backend(abc.ABC):
         """A child leaves the warm pool for a user. Backends that prepare
         children at low priority (so refills never slow down requests in
         flight) give it full priority here."""
+
+    async def capture(self, child: Child) -> Snapshot:
+        """BRANCH: snapshot a live child; it keeps running. ``spawn`` starts
+        children of the result that inherit the child's state at this instant.
+
+        The result's ``parent`` is ``child.snapshot``; its ``meta`` holds at
+        least ``pause_s`` (how long the child was stopped), ``inherited``
+        (what carries over, as short strings) and ``not_inherited`` (a list of
+        ``{"what": ..., "why": ...}``). Raises BranchError."""
+        raise BranchError(f"the {self.name} backend cannot branch a live sandbox")
+
+    async def delete_snapshot(self, snapshot: Snapshot) -> None:  # noqa: B027 (optional)
+        """Delete a snapshot made by ``capture`` and its files. Raises
+        SnapshotInUse while a live child or another snapshot depends on it."""
 
     @abc.abstractmethod
     async def close(self) -> None:

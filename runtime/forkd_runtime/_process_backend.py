@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,8 +36,19 @@ from forkd import protocol as p
 from forkd._connection import Connection
 from forkd._transports import StreamTransport
 
-from ._backend import Backend, Child, Limits, Snapshot, SpawnError, SpawnOptions
+from ._backend import (
+    Backend,
+    BranchBusy,
+    BranchError,
+    Child,
+    Limits,
+    Snapshot,
+    SnapshotInUse,
+    SpawnError,
+    SpawnOptions,
+)
 from ._cgroups import Cgroup, Cgroups, detect
+from ._layer_copy import copy_files, precopy, sync
 from ._network import NetHandle, NetworkManager
 from ._seccomp import filter_file
 from ._state import state_dir, take_state_lock
@@ -47,20 +59,6 @@ __all__ = ["ProcessBackend", "UID_BASE"]
 log = logging.getLogger("forkd.runtime.process")
 
 LAYER_FD = 4  # where each child keeps its writable layer open (forkd_agent._zygote)
-
-
-def _copy_layer(source: str, dest: Path) -> None:
-    """Copy an overlay upper layer exactly: owners, modes, times, extended
-    attributes (overlay's own markers) and whiteouts (device nodes)."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    result = subprocess.run(
-        ["cp", "-a", "--reflink=auto", f"{source}/.", str(tmp)], capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SpawnError(f"cannot capture the sandbox's files: {result.stderr.strip()}")
-    os.chmod(tmp, 0o755)
-    os.rename(tmp, dest)
 
 
 # Sandbox root is this host uid (systemd reserves 524288+ for container ranges).
@@ -170,6 +168,7 @@ class _Handle:
     pidfd: int
     net: NetHandle | None = None
     killed: bool = False
+    capturing: bool = False
 
 
 class ProcessBackend(Backend):
@@ -190,6 +189,7 @@ class ProcessBackend(Backend):
         self.cgroups: Cgroups = detect(scope)
         self._zygotes: dict[str, Zygote] = {}
         self._snapshots: dict[str, Snapshot] = {}
+        self._captured: dict[str, Snapshot] = {}  # made by capture(), by id
         self._children: dict[str, Child] = {}
         self._lock_fd: int | None = None
         self._started = False
@@ -363,6 +363,7 @@ class ProcessBackend(Backend):
                         "disk_mb": options.limits.disk_mb,
                         "resolv_conf": resolv_conf,
                         "seeds": snapshot.meta.get("seeds", []),
+                        "state": snapshot.meta.get("state"),
                     }
                 )
             result, fds = await z.request("fork", {"children": specs})
@@ -401,6 +402,12 @@ class ProcessBackend(Backend):
             conn.start()
             conn.add_close_callback(lambda _c: self._on_channel_closed(child))
             await conn.request("ping", {}, timeout=30)
+            contexts = snapshot.meta.get("contexts")
+            if contexts:  # a branch: its source's code contexts
+                restored = await conn.request("branch.restore", {"contexts": contexts}, timeout=300)
+                failed = [c for c in restored.get("contexts", []) if c.get("error")]
+                if failed:
+                    log.warning("%s: code contexts not restored: %s", cid, failed)
             child.ready_at = time.monotonic()
         except BaseException as exc:
             await self.kill(child)
@@ -408,31 +415,91 @@ class ProcessBackend(Backend):
         return child
 
     async def capture(self, child: Child) -> Snapshot:
-        """A snapshot of a live child's filesystem: its writable layer, copied
-        while the child is frozen, becomes a read-only layer that the snapshot's
-        children stack over the source's own layers (so a branch of a branch copies
-        only what changed since the last one). The child keeps running.
+        """BRANCH: a snapshot of a live child; it keeps running (docs/branch-design.md).
 
-        What carries over is the filesystem; the caller handles the rest of the
-        state (see docs/branch-design.md)."""
+        - Files: the child's writable layer is copied while it runs, then brought
+          up to date while its cgroup is frozen; the copy becomes a read-only
+          layer that the snapshot's children stack over the source's own layers
+          (so each step of a chain copies only its own changes).
+        - Code contexts: each kernel forks a writer of its namespace (its pause is
+          the fork) and stays locked until the files are captured; the
+          snapshot's children load the namespaces into new kernels.
+        - Not carried: running processes, threads, open sockets and pipes, and
+          whatever a namespace holds that cannot be pickled (listed per name).
+        """
         h: _Handle = child.handle
         if h.killed or not child.alive or h.cgroup is None:
-            raise SpawnError(f"{child.id} is not running")
+            raise BranchError(f"{child.id} is not running")
+        if h.capturing:
+            raise BranchBusy(f"{child.id} is busy: another branch of it is under way")
         z = self._zygotes.get(child.snapshot.template)
         if z is None or not z.alive():
-            raise SpawnError(f"the zygote of {child.snapshot.template} is gone")
+            raise BranchError(f"the zygote of {child.snapshot.template} is gone")
+        h.capturing = True
+        try:
+            return await self._capture(child, h, z)
+        finally:
+            h.capturing = False
+
+    async def _capture(self, child: Child, h: _Handle, z: Zygote) -> Snapshot:
         seed = f"seed-{uuid.uuid4().hex[:16]}"
         seeds_dir = z.run_dir / "seeds"
         seeds_dir.mkdir(mode=0o755, exist_ok=True)
-        source = f"/proc/{child.pid}/fd/{LAYER_FD}/upper"
-        t0 = time.monotonic()
-        await h.cgroup.freeze()
+        tmp = seeds_dir / f"{seed}.tmp"
+        state = seeds_dir / f"{seed}.state"
+        layer_fd = upper_fd = -1
         try:
-            await asyncio.to_thread(_copy_layer, source, seeds_dir / seed)
+            try:
+                layer_fd = os.open(f"/proc/{child.pid}/fd/{LAYER_FD}", os.O_PATH | os.O_DIRECTORY)
+                upper_fd = os.open("upper", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=layer_fd)
+            except OSError as exc:
+                raise BranchError(f"{child.id} is not running ({exc.strerror})") from None
+            manifest = await asyncio.to_thread(precopy, upper_fd, str(tmp))
+            try:
+                exported = await child.conn.request("branch.export", {}, timeout=30)
+            except p.RpcError as exc:
+                busy = exc.code.value == "conflict"
+                raise (BranchBusy if busy else BranchError)(f"{child.id}: {exc}") from None
+            except (ConnectionError, OSError) as exc:
+                raise BranchError(f"{child.id} is not running ({exc})") from None
+            try:
+                t0 = time.monotonic()
+                await h.cgroup.freeze()
+                try:
+                    manifest = await asyncio.to_thread(sync, upper_fd, str(tmp), manifest)
+                finally:
+                    await h.cgroup.thaw()
+                frozen = time.monotonic() - t0
+            finally:
+                finished = await child.conn.request(
+                    "branch.finish", {"token": exported["token"]}, timeout=600
+                )
+            contexts = await asyncio.to_thread(self._take_contexts, layer_fd, finished, state)
+            os.chmod(tmp, 0o755)
+            os.rename(tmp, seeds_dir / seed)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(state, ignore_errors=True)
+            raise
         finally:
-            await h.cgroup.thaw()
-        paused = time.monotonic() - t0
-        return Snapshot(
+            for fd in (upper_fd, layer_fd):
+                if fd >= 0:
+                    os.close(fd)
+        forked = float(exported.get("fork_s") or 0.0)
+        not_inherited = [
+            {"what": "running processes", "why": "the process backend carries files and code contexts only"},
+        ]
+        for c in contexts:
+            if c.get("error"):
+                not_inherited.append({"what": f"code context {c['id']}", "why": c["error"]})
+            for skipped in c.get("skipped") or []:
+                not_inherited.append(
+                    {
+                        "what": f"variable {skipped.get('name')} of context {c['id']}",
+                        "why": skipped.get("why"),
+                    }
+                )
+        snap = Snapshot(
             id=seed,
             template=child.snapshot.template,
             backend=self.name,
@@ -440,9 +507,60 @@ class ProcessBackend(Backend):
             meta={
                 **child.snapshot.meta,
                 "seeds": [seed, *child.snapshot.meta.get("seeds", [])],
-                "pause_s": paused,
+                "state": state.name,
+                "contexts": [{k: c.get(k) for k in ("id", "cwd", "envs", "count", "file")} for c in contexts],
+                "source": child.id,
+                "pause_s": forked + frozen,
+                "pause_kernels_s": forked,
+                "pause_files_s": frozen,
+                "captured_bytes": manifest.copied_bytes,
+                "inherited": ["files", "code contexts", "environment"],
+                "not_inherited": not_inherited,
             },
         )
+        self._captured[seed] = snap
+        return snap
+
+    @staticmethod
+    def _take_contexts(layer_fd: int, finished: dict, state: Path) -> list[dict]:
+        """Move the namespaces the source's kernels wrote (in its layer, beside
+        its files) into the snapshot's state directory."""
+        name = finished.get("dir")
+        # The agent named it, and the agent is inside the sandbox: check the name.
+        if not isinstance(name, str) or not re.fullmatch(r"branch-[0-9a-f]{16}", name):
+            raise BranchError(f"the sandbox reported a bad export directory {name!r}")
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=layer_fd)
+        try:
+            present = set(copy_files(fd, str(state)))
+        finally:
+            os.close(fd)
+        shutil.rmtree(name, dir_fd=layer_fd, ignore_errors=True)
+        contexts = []
+        for c in finished.get("contexts") or []:
+            if not isinstance(c, dict) or not isinstance(c.get("id"), str):
+                continue
+            if c.get("file") not in present:
+                c["file"] = None
+            contexts.append(c)
+        return contexts
+
+    async def delete_snapshot(self, snapshot: Snapshot) -> None:
+        snap = self._captured.get(snapshot.id)
+        if snap is None:
+            return
+        users = sorted(c.id for c in self._children.values() if snap.id in c.snapshot.meta.get("seeds", ()))
+        stacked = sorted(
+            s.id for s in self._captured.values() if s is not snap and snap.id in s.meta["seeds"]
+        )
+        if users or stacked:
+            what = [f"sandbox {u}" for u in users] + [f"snapshot {s}" for s in stacked]
+            raise SnapshotInUse(f"snapshot {snap.id} is in use by {', '.join(what)}")
+        del self._captured[snap.id]
+        z = self._zygotes.get(snap.template)
+        if z is not None:
+            seeds_dir = z.run_dir / "seeds"
+            await asyncio.to_thread(shutil.rmtree, seeds_dir / snap.id, True)
+            await asyncio.to_thread(shutil.rmtree, seeds_dir / snap.meta["state"], True)
 
     def activate(self, child: Child) -> None:
         # The zygote runs at NICE (so do its children until now): see _zygote_launch.
