@@ -35,6 +35,7 @@ import forkd_agent
 from forkd import protocol as p
 from forkd._connection import Connection
 from forkd._transports import StreamTransport
+from forkd_agent import _linux as L
 
 from ._backend import (
     Backend,
@@ -59,6 +60,13 @@ __all__ = ["ProcessBackend", "UID_BASE"]
 log = logging.getLogger("forkd.runtime.process")
 
 LAYER_FD = 4  # where each child keeps its writable layer open (forkd_agent._zygote)
+
+
+def _unmount(path: Path) -> None:
+    """Detach the tmpfs on a zygote's run directory, if there is one."""
+    if os.path.ismount(path):
+        with contextlib.suppress(OSError):
+            L.umount2(str(path), L.MNT_DETACH)
 
 
 # Sandbox root is this host uid (systemd reserves 524288+ for container ranges).
@@ -159,6 +167,7 @@ class Zygote:
         await asyncio.get_running_loop().run_in_executor(None, self.proc.wait)
         with contextlib.suppress(OSError):
             self.stage.rmdir()
+        _unmount(self.run_dir)
         await asyncio.to_thread(shutil.rmtree, self.run_dir, True)
 
 
@@ -226,6 +235,7 @@ class ProcessBackend(Backend):
                 removed["cgroups"] += 1
         for entry in self.run_dir.iterdir():
             if entry.is_dir():
+                _unmount(entry)
                 await asyncio.to_thread(shutil.rmtree, entry, True)
                 removed["layers"] += 1
         if (self.state / "network.json").exists():
@@ -288,7 +298,9 @@ class ProcessBackend(Backend):
         # it creates children's layers in a directory that uid owns.
         zrun = self.run_dir / zname
         zrun.mkdir(mode=0o700)
-        os.chown(zrun, UID_BASE, UID_BASE)
+        # In memory: BRANCH writes every captured layer and saved namespace here,
+        # and reads them back at each branch child's start.
+        L.mount("tmpfs", str(zrun), "tmpfs", 0, f"mode=0700,uid={UID_BASE},gid={UID_BASE}")
         seccomp = filter_file(zrun)
         logs = self.state / "logs"
         logs.mkdir(exist_ok=True)
