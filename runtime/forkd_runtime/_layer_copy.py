@@ -20,6 +20,7 @@ symlinks and hard links (within one pass).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -171,16 +172,21 @@ def _copy_data(fd: int, dest: str, mode: int) -> int:
     out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     total = 0
     try:
+        # In the kernel, page cache to page cache: copy_file_range within one
+        # filesystem, sendfile across two (tmpfs to tmpfs is the usual case).
+        copy = os.copy_file_range
         while True:
             try:
-                n = os.copy_file_range(fd, out, 1 << 30)
-            except OSError:
-                n = -1
-            if n < 0:  # not supported between these filesystems
-                while data := os.read(fd, _CHUNK):
-                    os.write(out, data)
-                    total += len(data)
-                break
+                n = (
+                    copy(fd, out, _CHUNK * 64)
+                    if copy is os.copy_file_range
+                    else copy(out, fd, None, _CHUNK * 64)
+                )
+            except OSError as exc:
+                if copy is os.copy_file_range and exc.errno in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP):
+                    copy = os.sendfile
+                    continue
+                raise
             if n == 0:
                 break
             total += n
