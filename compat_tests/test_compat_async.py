@@ -34,10 +34,11 @@ from forkd import (
     SandboxNotRunningException,
     SandboxQuery,
     SandboxState,
+    SnapshotInfo,
     TimeoutException,
-    UnknownMethodException,
     WriteInfo,
 )
+from forkd.exceptions import ConflictException
 
 
 @pytest.fixture
@@ -334,14 +335,30 @@ async def test_sandbox_exceptions_are_sandbox_exceptions(sbx):
 
 async def test_fork(sbx):
     await sbx.files.write("state.txt", "before the fork")
-    try:
-        forks = await AsyncSandbox.fork(sbx.sandbox_id, count=2)
-    except UnknownMethodException:
-        pytest.skip("this gateway has no sandbox.branch (BRANCH) yet")
+    forks = await AsyncSandbox.fork(sbx.sandbox_id, count=2)
     try:
         assert len(forks) == 2 and all(isinstance(f, AsyncSandbox) for f in forks)
         assert [await f.files.read("state.txt") for f in forks] == ["before the fork"] * 2
+        (one,) = await sbx.fork()  # count defaults to 1
+        await one.kill()
     finally:
         for f in forks:
             if isinstance(f, AsyncSandbox):
                 await f.kill()
+
+
+async def test_create_snapshot_then_create_from_it(gateway, sbx):
+    await sbx.files.write("kept.txt", "kept")
+    info = await sbx.create_snapshot()
+    assert isinstance(info, SnapshotInfo) and info.snapshot_id
+    assert [s.snapshot_id for s in await sbx.list_snapshots().next_items()] == [info.snapshot_id]
+    child = await AsyncSandbox.create(template=info.snapshot_id)
+    try:
+        assert await child.files.read("kept.txt") == "kept"
+        with pytest.raises(ConflictException):
+            await AsyncSandbox.delete_snapshot(info.snapshot_id)
+    finally:
+        await child.kill()
+    assert await AsyncSandbox.delete_snapshot(info.snapshot_id, api_key=gateway.other_key) is False
+    assert await AsyncSandbox.delete_snapshot(info.snapshot_id) is True
+    assert await AsyncSandbox.delete_snapshot(info.snapshot_id) is False

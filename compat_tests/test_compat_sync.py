@@ -33,10 +33,11 @@ from forkd import (
     SandboxNotRunningException,
     SandboxQuery,
     SandboxState,
+    SnapshotInfo,
     TimeoutException,
-    UnknownMethodException,
     WriteInfo,
 )
+from forkd.exceptions import ConflictException
 
 
 @pytest.fixture
@@ -440,15 +441,32 @@ def test_eval(sbx):
 
 def test_fork(sbx):
     sbx.files.write("state.txt", "before the fork")
-    try:
-        forks = sbx.fork(count=2)
-    except UnknownMethodException:
-        pytest.skip("this gateway has no sandbox.branch (BRANCH) yet")
+    forks = sbx.fork(count=2)
     try:
         assert len(forks) == 2 and all(isinstance(f, Sandbox) for f in forks)
         assert {f.sandbox_id for f in forks}.isdisjoint({sbx.sandbox_id})
         assert [f.files.read("state.txt") for f in forks] == ["before the fork"] * 2
+        f0 = forks[0]
+        f0.files.write("state.txt", "changed in one fork")
+        assert forks[1].files.read("state.txt") == sbx.files.read("state.txt") == "before the fork"
     finally:
         for f in forks:
             if isinstance(f, Sandbox):
                 f.kill()
+    (static,) = Sandbox.fork(sbx.sandbox_id)  # the static form; count defaults to 1
+    static.kill()
+
+
+def test_create_snapshot_then_create_from_it(gateway, sbx):
+    sbx.files.write("kept.txt", "kept")
+    info = sbx.create_snapshot()
+    assert isinstance(info, SnapshotInfo) and info.snapshot_id
+    assert info.snapshot_id in [s.snapshot_id for s in Sandbox.list_snapshots().next_items()]
+    assert Sandbox.list_snapshots(api_key=gateway.other_key).next_items() == []
+    with Sandbox.create(template=info.snapshot_id) as child:
+        assert child.files.read("kept.txt") == "kept"
+        with pytest.raises(ConflictException):
+            Sandbox.delete_snapshot(info.snapshot_id)
+    assert Sandbox.delete_snapshot(info.snapshot_id, api_key=gateway.other_key) is False
+    assert Sandbox.delete_snapshot(info.snapshot_id) is True
+    assert Sandbox.delete_snapshot(info.snapshot_id) is False

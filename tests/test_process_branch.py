@@ -4,9 +4,9 @@ children of a live sandbox's capture (files alone: test_process_capture.py)."""
 import asyncio
 
 import pytest
-from process_helpers import check, eval_in, run, run_code
 
 from forkd_runtime._backend import BranchBusy, BranchError, SnapshotInUse
+from process_helpers import check, eval_in, run, run_code
 
 SETUP = """
 import numpy as np
@@ -36,7 +36,9 @@ async def _source(backend):
 async def test_children_inherit_variables_functions_and_objects_then_diverge(process_backend):
     source = await _source(process_backend)
     ctx = await source.conn.request("context.create", {"cwd": "/tmp", "envs": {"ROLE": "second"}})
-    assert (await run_code(source, "import os; word = 'hi ' + os.environ['ROLE']", ctx["id"]))["error"] is None
+    assert (await run_code(source, "import os; word = 'hi ' + os.environ['ROLE']", ctx["id"]))[
+        "error"
+    ] is None
 
     captured = await process_backend.capture(source)
     meta = captured.meta

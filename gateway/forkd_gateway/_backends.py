@@ -101,6 +101,7 @@ class MeteredBackend(Backend):
         self.inner = inner
         self.metrics = metrics
         self.name = inner.name
+        self.refresh_on_handout = inner.refresh_on_handout
 
     async def prepare(self, template: str) -> Snapshot:
         return await self.inner.prepare(template)
@@ -115,8 +116,17 @@ class MeteredBackend(Backend):
     async def kill(self, child: Child) -> None:
         await self.inner.kill(child)
 
+    async def capture(self, child: Child) -> Snapshot:
+        return await self.inner.capture(child)
+
+    async def delete_snapshot(self, snapshot: Snapshot) -> None:
+        await self.inner.delete_snapshot(snapshot)
+
     def children(self) -> list[Child]:
         return self.inner.children()
+
+    def activate(self, child: Child) -> None:
+        self.inner.activate(child)
 
     async def close(self) -> None:
         await self.inner.close()

@@ -7,16 +7,15 @@ In-process API (the websocket app, the CLI and tests all use it)::
     await gw.serve(transport, key_id)   # one client session over any forkd._transports Transport
     await gw.close()                # graceful: ends sessions, kills every sandbox, closes pools and backend
 
-Ownership: every sandbox belongs to the key id that created it; any other key id gets exactly what an
-unknown id gets. Sandboxes that ended are remembered for a while (``_ENDED_MEMORY``) so that a call into
-one says *why* it is gone (``sandbox_not_running``: killed, expired...), but only to its owner.
+Ownership: every sandbox (and snapshot) belongs to the key id that created it; any other key id gets
+exactly what an unknown id gets. Sandboxes that ended are remembered for a while (``_ENDED_MEMORY``) so
+that a call into one says *why* it is gone (``sandbox_not_running``: killed, expired...), but only to its
+owner. BRANCH and snapshots: ``_branch`` (mixed in here) and ``_snapshots``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import collections
 import contextlib
 import logging
@@ -32,12 +31,14 @@ from forkd_runtime._pool import WarmPool
 from ._audit import AuditLog
 from ._auth import LOCAL_KEY_ID, is_loopback_client
 from ._backends import MeteredBackend, make_backend
+from ._branch import Branching
 from ._config import GatewayConfig
 from ._leases import Leases
 from ._metrics import Metrics
-from ._params import bad
+from ._params import bad, decode_token, encode_token
 from ._sandbox import RUNNING, Sandbox, ended_error
 from ._session import Session
+from ._snapshots import SnapshotRecord, Snapshots
 
 __all__ = ["Gateway"]
 
@@ -56,7 +57,9 @@ def _not_found(sandbox_id: Any) -> p.RpcError:
     return p.RpcError(p.ErrorCode.SANDBOX_NOT_FOUND, f"sandbox {sandbox_id} not found")
 
 
-class Gateway:
+class Gateway(Branching):
+    template_aliases = TEMPLATE_ALIASES
+
     def __init__(self, config: GatewayConfig | None = None, *, backend: Backend | None = None) -> None:
         self.config = (config or GatewayConfig()).validate()
         self.backend: Backend | None = backend
@@ -68,6 +71,7 @@ class Gateway:
         # network is set up per child at fork, so they are forked on demand.
         self.internet_pools: dict[str, WarmPool] = {}
         self.sandboxes: dict[str, Sandbox] = {}
+        self.snapshots = Snapshots(lambda: self._spawner, self.metrics)
         self.sessions: set[Session] = set()
         self.leases = Leases(self._expire)
         self.state = "new"  # new -> running -> closing -> closed
@@ -116,6 +120,8 @@ class Gateway:
         )
         if self._ending:
             await asyncio.gather(*list(self._ending), return_exceptions=True)
+        if self._spawner is not None:
+            await self.snapshots.close()
         await self.leases.close()
         pools = [*self.pools.values(), *self.internet_pools.values()]
         await asyncio.gather(*(pool.close() for pool in pools), return_exceptions=True)
@@ -220,8 +226,20 @@ class Gateway:
         self._check_running()
         t0 = time.perf_counter()
         template = template or self.config.default_template
-        template = TEMPLATE_ALIASES.get(template, template)
         seconds = self._lease_seconds(timeout)
+        snapshot = self._snapshot_for_create(key_id, template)
+        if snapshot is not None:
+            sandbox = await self._create_from_snapshot(
+                key_id,
+                snapshot,
+                seconds=seconds,
+                metadata=dict(metadata or {}),
+                envs=dict(envs or {}),
+                internet=bool(internet),
+            )
+            self.metrics.create_seconds.labels(snapshot.snapshot.template).observe(time.perf_counter() - t0)
+            return sandbox
+        template = TEMPLATE_ALIASES.get(template, template)
         pool = await self._pool(template, internet=bool(internet))
         try:
             child = await pool.take()
@@ -232,26 +250,63 @@ class Gateway:
         if self.state != "running":
             await pool.release(child)
             self._check_running()
+        sandbox = self._admit(
+            child,
+            key_id,
+            template=template,
+            pool=pool,
+            metadata=dict(metadata or {}),
+            envs=dict(envs or {}),
+            seconds=seconds,
+        )
+        self.metrics.create_seconds.labels(template).observe(time.perf_counter() - t0)
+        return sandbox
+
+    def _admit(
+        self,
+        child,
+        key_id: str,
+        *,
+        template: str,
+        pool,
+        metadata: dict[str, str],
+        envs: dict[str, str],
+        seconds: float,
+        origin: SnapshotRecord | None = None,
+        label: str | None = None,
+        audit: dict | None = None,
+    ) -> Sandbox:
+        """Make a started child a sandbox of ``key_id``: registry, lease, notifications, metrics, audit.
+        No await: a child is either fully registered or not at all."""
         sandbox = Sandbox(
             id=child.id,
             owner=key_id,
             template=template,
             child=child,
             pool=pool,
-            metadata=dict(metadata or {}),
-            envs=dict(envs or {}),
+            metadata=dict(metadata),
+            envs=dict(envs),
             started_at=time.time(),
             end_at=0.0,
+            origin=origin,
         )
         self.sandboxes[sandbox.id] = sandbox
+        if origin is not None:
+            self.snapshots.child_started(origin, sandbox.id)
         sandbox.end_at = self.leases.set(sandbox.id, seconds)
         child.conn.on_notification = self._agent_notification(sandbox)
         child.conn.add_close_callback(lambda _conn, sb=sandbox: self._child_closed(sb))
         self.metrics.sandboxes_active.set(len(self.sandboxes))
-        self.metrics.sandboxes_created.labels(template).inc()
-        self.metrics.create_seconds.labels(template).observe(time.perf_counter() - t0)
-        self.audit.write("create", key_id=key_id, sandbox_id=sandbox.id, template=template, timeout=seconds)
-        if not child.alive:  # died between the pool and here: its close callback has already run
+        self.metrics.sandboxes_created.labels(label or template).inc()
+        self.audit.write(
+            "create",
+            key_id=key_id,
+            sandbox_id=sandbox.id,
+            template=template,
+            timeout=seconds,
+            **(audit or {}),
+        )
+        if not child.alive:  # died between the spawn and here: its close callback has already run
             self._child_closed(sandbox)
         return sandbox
 
@@ -304,7 +359,7 @@ class Gateway:
         limit = 100 if limit is None else limit
         if not 1 <= limit <= MAX_LIST_LIMIT:
             raise bad(f"limit must be between 1 and {MAX_LIST_LIMIT}")
-        after = _decode_token(next_token) if next_token else None
+        after = decode_token(next_token) if next_token else None
         if "running" not in states:
             return [], None  # forkd does not pause sandboxes: none is in any other state
         metadata = metadata or {}
@@ -320,7 +375,7 @@ class Gateway:
             key=lambda sb: (sb.started_at, sb.id),
         )
         page = matches[:limit]
-        token = _encode_token(page[-1]) if len(matches) > limit else None
+        token = encode_token(page[-1].started_at, page[-1].id) if len(matches) > limit else None
         return page, token
 
     def sandbox_for_call(self, key_id: str, sandbox_id: Any) -> Sandbox:
@@ -375,6 +430,9 @@ class Gateway:
             await sandbox.pool.release(sandbox.child)
         except Exception:
             log.exception("killing sandbox %s failed", sandbox.id)
+        if sandbox.origin is not None:
+            # After the kill: the backend refuses to delete a snapshot while a child of it lives.
+            await self.snapshots.child_ended(sandbox.origin, sandbox.id)
 
     # -- what agents send on their own --
     def _agent_notification(self, sandbox: Sandbox):
@@ -393,17 +451,3 @@ class Gateway:
                 log.debug("sandbox %s: notification %s %r", sandbox.id, method, params)
 
         return on_notification
-
-
-def _encode_token(sandbox: Sandbox) -> str:
-    raw = f"{sandbox.started_at!r}|{sandbox.id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_token(token: str) -> tuple[float, str]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        started, _, sandbox_id = raw.partition("|")
-        return float(started), sandbox_id
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise bad("bad next_token") from None

@@ -49,6 +49,24 @@ class Metrics:
             "forkd_sandboxes_ended", "Sandboxes ended, by reason", ["reason"], registry=r
         )
         self.execs = Counter("forkd_execs", "Commands started (exec.start relayed)", registry=r)
+        self.branches = Counter(
+            "forkd_branches", "sandbox.branch calls that captured their source", registry=r
+        )
+        self.branch_seconds = Histogram(
+            "forkd_branch_seconds",
+            "Time to answer sandbox.branch (capture, spawn and hand over every child)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.capture_pause_seconds = Histogram(
+            "forkd_capture_pause_seconds",
+            "How long a captured sandbox was stopped (branch and snapshot.create)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.snapshots_active = Gauge(
+            "forkd_snapshots_active", "Snapshots kept (user snapshots and branch captures in use)", registry=r
+        )
         self.errors = Counter(
             "forkd_errors", "Error responses sent to clients, by code", ["code"], registry=r
         )

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 from typing import Any
 
 from forkd.protocol import ErrorCode, RpcError
 
-__all__ = ["bad", "opt_str", "req_str", "opt_number", "opt_int", "str_map", "str_list"]
+__all__ = [
+    "bad",
+    "opt_str",
+    "req_str",
+    "opt_number",
+    "opt_int",
+    "str_map",
+    "str_list",
+    "encode_token",
+    "decode_token",
+]
 
 _MISSING = object()
 
@@ -75,3 +87,18 @@ def str_list(params: dict, name: str, default: list[str]) -> list[str]:
 
 def is_stream_id(value: Any) -> bool:
     return type(value) is int and value >= 0
+
+
+def encode_token(started: float, item_id: str) -> str:
+    """The opaque ``next_token`` of a listing ordered by (time, id): the last item of a page."""
+    raw = f"{started!r}|{item_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        started, _, item_id = raw.partition("|")
+        return float(started), item_id
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise bad("bad next_token") from None

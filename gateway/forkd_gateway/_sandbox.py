@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -11,6 +12,8 @@ from forkd_runtime._backend import Child
 
 if TYPE_CHECKING:
     from forkd_runtime._pool import WarmPool
+
+    from ._snapshots import SnapshotRecord
 
 __all__ = ["Sandbox", "RUNNING", "ENDED_PHRASES", "ended_error"]
 
@@ -35,7 +38,9 @@ class Sandbox:
     owner: str  # key id
     template: str
     child: Child
-    pool: WarmPool
+    # Where the child goes back to (``release`` kills it): its template's pool, or an
+    # ``Unpooled`` for children of branches and snapshots.
+    pool: WarmPool | Any
     metadata: dict[str, str]
     envs: dict[str, str]
     started_at: float
@@ -45,6 +50,10 @@ class Sandbox:
     streams: dict[int, Any] = field(default_factory=dict)
     # Watches by agent watch id -> the session that created it (files.event goes there only).
     watches: dict[int, Any] = field(default_factory=dict)
+    # The snapshot this sandbox was started from (a branch's capture or a user snapshot), if any.
+    origin: SnapshotRecord | None = None
+    # One capture of this sandbox at a time: concurrent branches of it queue here.
+    capture_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def conn(self):

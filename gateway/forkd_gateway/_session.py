@@ -221,6 +221,30 @@ class Session:
         )
         return {"items": [s.info() for s in items], "next_token": token}
 
+    async def _branch(self, params: dict) -> dict:
+        return await self.gateway.branch(
+            self.key_id, params.get("sandbox_id"), params.get("count"), opt_number(params, "timeout")
+        )
+
+    async def _snapshot_create(self, params: dict) -> dict:
+        record = await self.gateway.create_snapshot(
+            self.key_id, req_str(params, "sandbox_id"), opt_str(params, "name")
+        )
+        return record.info()
+
+    async def _snapshot_list(self, params: dict) -> dict:
+        items, token = self.gateway.snapshots.list(
+            self.key_id,
+            sandbox_id=opt_str(params, "sandbox_id"),
+            name=opt_str(params, "name"),
+            limit=opt_int(params, "limit", 100),
+            next_token=opt_str(params, "next_token"),
+        )
+        return {"items": [r.info() for r in items], "next_token": token}
+
+    async def _snapshot_delete(self, params: dict) -> bool:
+        return await self.gateway.delete_snapshot(self.key_id, req_str(params, "snapshot_id"))
+
     async def _eval(self, params: dict) -> Any:
         forwarded = {"expr": params.get("expr"), "sandbox_id": params.get("sandbox_id")}
         if "context" in params:
@@ -388,6 +412,10 @@ _LIFECYCLE = {
     "sandbox.info": Session._info,
     "sandbox.list": Session._list,
     "sandbox.eval": Session._eval,
+    "sandbox.branch": Session._branch,
+    "snapshot.create": Session._snapshot_create,
+    "snapshot.list": Session._snapshot_list,
+    "snapshot.delete": Session._snapshot_delete,
 }
 
 _STREAM_CONTROL = {

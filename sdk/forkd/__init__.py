@@ -16,6 +16,7 @@ from . import _compat
 from ._exceptions import (
     AuthenticationException,
     CancelledException,
+    ConflictException,
     FileNotFoundException,
     InvalidArgumentException,
     NotEnoughSpaceException,
@@ -33,6 +34,7 @@ from ._exceptions import (
 )
 
 if TYPE_CHECKING:
+    from ._branching import AsyncSnapshotPaginator
     from ._code import EvalException
     from ._code_models import (
         Context,
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
         WriteEntry,
     )
     from ._models import (
+        BranchReport,
         CommandExitException,
         CommandResult,
         EntryInfo,
@@ -69,6 +72,8 @@ if TYPE_CHECKING:
         SandboxListOrder,
         SandboxQuery,
         SandboxState,
+        SnapshotInfo,
+        SnapshotMode,
         Stderr,
         Stdout,
         WriteInfo,
@@ -82,6 +87,7 @@ if TYPE_CHECKING:
         Pty,
         Sandbox,
         SandboxPaginator,
+        SnapshotPaginator,
         WatchHandle,
     )
 
@@ -90,11 +96,12 @@ __version__ = "0.1.0"
 # public name -> private module defining it (imported on first access)
 _LAZY = {
     **dict.fromkeys(
-        ["Sandbox", "SandboxPaginator", "Commands", "CommandHandle", "Pty", "Filesystem", "FileStreamReader",
-         "WatchHandle"],
+        ["Sandbox", "SandboxPaginator", "SnapshotPaginator", "Commands", "CommandHandle", "Pty", "Filesystem",
+         "FileStreamReader", "WatchHandle"],
         "._sync",
     ),
     **dict.fromkeys(["AsyncSandbox", "AsyncSandboxPaginator"], "._sandbox"),
+    "AsyncSnapshotPaginator": "._branching",
     **dict.fromkeys(["AsyncCommands", "AsyncCommandHandle", "AsyncPty"], "._commands"),
     **dict.fromkeys(
         ["AsyncFilesystem", "AsyncFileStreamReader", "AsyncWatchHandle", "WriteEntry", "WriteData", "AsyncWriteData"],
@@ -103,7 +110,7 @@ _LAZY = {
     **dict.fromkeys(
         ["SandboxInfo", "SandboxQuery", "SandboxState", "SandboxListOrder", "CommandResult", "CommandExitException",
          "ProcessInfo", "PtySize", "PtyOutput", "Stdout", "Stderr", "EntryInfo", "WriteInfo", "FileType",
-         "FilesystemEvent", "FilesystemEventType"],
+         "FilesystemEvent", "FilesystemEventType", "SnapshotInfo", "SnapshotMode", "BranchReport"],
         "._models",
     ),
     **dict.fromkeys(
@@ -144,6 +151,11 @@ __all__ = [
     "SandboxQuery",
     "SandboxState",
     "SandboxListOrder",
+    "SnapshotInfo",
+    "SnapshotMode",
+    "SnapshotPaginator",
+    "AsyncSnapshotPaginator",
+    "BranchReport",
     "ConnectionConfig",
     "ApiParams",
     "Username",
@@ -204,4 +216,5 @@ __all__ = [
     "ProtocolException",
     "UnknownMethodException",
     "CancelledException",
+    "ConflictException",
 ]

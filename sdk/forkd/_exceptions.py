@@ -26,6 +26,7 @@ __all__ = [
     "ProtocolException",
     "UnknownMethodException",
     "CancelledException",
+    "ConflictException",
     "ERROR_CLASSES",
     "from_rpc_error",
 ]
@@ -100,6 +101,13 @@ class CancelledException(SandboxException):
     code = ErrorCode.CANCELLED
 
 
+class ConflictException(SandboxException):
+    """forkd extension: the sandbox or snapshot cannot do this now (a sandbox busy
+    being captured; a snapshot that sandboxes or other snapshots still depend on)."""
+
+    code = ErrorCode.CONFLICT
+
+
 # As in E2B, these two are not SandboxExceptions.
 class AuthenticationException(Exception):
     code = ErrorCode.AUTHENTICATION
@@ -136,6 +144,7 @@ ERROR_CLASSES: dict[ErrorCode, type[Exception]] = {
         ProtocolException,
         UnknownMethodException,
         CancelledException,
+        ConflictException,
     )
 }
 

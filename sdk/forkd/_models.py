@@ -21,6 +21,8 @@ __all__ = [
     "SandboxListOrder",
     "SandboxMetrics",
     "SnapshotInfo",
+    "SnapshotMode",
+    "BranchReport",
     "Stdout",
     "Stderr",
     "PtyOutput",
@@ -39,6 +41,8 @@ Stdout = str
 Stderr = str
 PtyOutput = bytes
 SandboxListOrder = Literal["asc", "desc"]
+# What a snapshot keeps (E2B's option): forkd always keeps everything the backend can carry ("full").
+SnapshotMode = Literal["full", "filesystem"]
 
 
 def _datetime(value: Any) -> datetime:
@@ -127,8 +131,53 @@ class SandboxMetrics:
 
 @dataclass
 class SnapshotInfo:
+    """A snapshot (``create_snapshot``, ``list_snapshots``): start sandboxes from it with
+    ``Sandbox.create(template=snapshot_id)`` (or one of its ``names``).
+
+    ``snapshot_id`` and ``names`` are E2B's; the rest are forkd's: the sandbox it was taken
+    from, that sandbox's template, when, and the capture's report (see ``BranchReport``).
+    """
+
     snapshot_id: str
     names: list[str] = field(default_factory=list)
+    sandbox_id: str | None = None
+    template_id: str | None = None
+    created_at: datetime | None = None
+    report: BranchReport | None = None
+
+    @classmethod
+    def _from_wire(cls, d: dict) -> SnapshotInfo:
+        return cls(
+            snapshot_id=d["snapshot_id"],
+            names=list(d.get("names") or []),
+            sandbox_id=d.get("sandbox_id"),
+            template_id=d.get("template_id"),
+            created_at=_datetime(d["created_at"]) if d.get("created_at") is not None else None,
+            report=BranchReport._from_wire(d),
+        )
+
+
+@dataclass
+class BranchReport:
+    """forkd extension: what a BRANCH (``fork``, ``branch``, ``create_snapshot``) captured.
+
+    ``pause_ms``: how long the source sandbox was stopped; ``inherited``: what the new
+    sandboxes carry over (e.g. ``"files"``, ``"code contexts"``, ``"memory"``);
+    ``not_inherited``: what they do not, as ``{"what": ..., "why": ...}`` maps (the process
+    backend, for one, does not carry running processes).
+    """
+
+    pause_ms: float = 0.0
+    inherited: list[str] = field(default_factory=list)
+    not_inherited: list[dict[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def _from_wire(cls, d: dict) -> BranchReport:
+        return cls(
+            pause_ms=float(d.get("pause_ms") or 0.0),
+            inherited=[str(x) for x in d.get("inherited") or []],
+            not_inherited=[dict(x) for x in d.get("not_inherited") or [] if isinstance(x, dict)],
+        )
 
 
 # -- commands ------------------------------------------------------------------

@@ -10,6 +10,13 @@ from __future__ import annotations
 from datetime import UTC
 from typing import Any, Self
 
+from ._branching import (
+    AsyncSnapshotPaginator,
+    branch_call,
+    check_mode,
+    create_snapshot_call,
+    delete_snapshot_call,
+)
 from ._client import get_client
 from ._code import AsyncCode
 from ._code_models import Context, Execution
@@ -19,7 +26,7 @@ from ._dual import dual
 from ._exceptions import InvalidArgumentException, SandboxNotFoundException
 from ._files import AsyncFilesystem
 from ._link import Link
-from ._models import SandboxInfo, SandboxQuery, SandboxState
+from ._models import BranchReport, SandboxInfo, SandboxQuery, SandboxState, SnapshotInfo
 
 __all__ = ["AsyncSandbox", "AsyncSandboxPaginator", "DEFAULT_TEMPLATE", "DEFAULT_SANDBOX_TIMEOUT"]
 
@@ -133,6 +140,10 @@ class AsyncSandbox:
         self._sandbox_id = sandbox_id
         self._config = connection_config or config_from(**opts)
         self._info = info
+        # forkd extension: what the last fork()/branch() of this sandbox captured, and, on a
+        # sandbox made by one, the report of the branch that made it.
+        self.last_branch_report: BranchReport | None = None
+        self.branch_report: BranchReport | None = None
         link = Link(sandbox_id, self._config)
         self._link = link
         self._commands = AsyncCommands(link)
@@ -305,29 +316,120 @@ class AsyncSandbox:
         """Your sandboxes, a page at a time: ``while p.has_next: await p.next_items()``."""
         return AsyncSandboxPaginator(query=query, limit=limit, next_token=next_token, order=order, **opts)
 
+    # -- BRANCH and snapshots ------------------------------------------------------
+    @classmethod
+    async def _branch(
+        cls, sandbox_id: str, count: int | None, timeout: int | None, config: ConnectionConfig
+    ) -> tuple[list[Self | Exception], BranchReport]:
+        results, report = await branch_call(sandbox_id, count, timeout, config)
+        out: list[Self | Exception] = []
+        for r in results:
+            if isinstance(r, SandboxInfo):
+                child = cls(r.sandbox_id, config, r)
+                child.branch_report = report
+                out.append(child)
+            else:
+                out.append(r)
+        return out, report
+
     @classmethod
     async def _cls_fork(
-        cls, sandbox_id: str, timeout: int | None = None, count: int | None = None, **opts: Any
-    ) -> Any:
-        config = config_from(**opts)
-        params: dict[str, Any] = {"sandbox_id": sandbox_id, "count": count or 1}
-        if timeout is not None:
-            params["timeout"] = timeout
-        res = await _gateway("sandbox.branch", params, config)
-        out: list[Any] = []
-        for d in res:
-            if isinstance(d, dict) and "sandbox_id" in d:
-                out.append(cls(d["sandbox_id"], config, SandboxInfo._from_wire(d)))
-            else:
-                out.append(Exception(str(d)))
-        return out
+        cls,
+        sandbox_id: str,
+        timeout: int | None = None,
+        count: int | None = None,
+        logger: Any = None,
+        **opts: Any,
+    ) -> list[Self | Exception]:
+        forks, _ = await cls._branch(sandbox_id, count, timeout, config_from(**opts))
+        return forks
 
     @dual("_cls_fork")
-    async def fork(self, timeout: int | None = None, count: int | None = None, **opts: Any) -> list[Any]:
-        """Copies of this sandbox as it is now (forkd's BRANCH), one per ``count``."""
-        return await type(self)._cls_fork(
-            self._sandbox_id, timeout=timeout, count=count, **self._config.get_api_params(**opts)
+    async def fork(
+        self, timeout: int | None = None, count: int | None = None, **opts: Any
+    ) -> list[Self | Exception]:
+        """E2B's fork: ``count`` (default 1, at most 64) new sandboxes that inherit this one's
+        state at this instant (forkd's BRANCH: one capture, then the children); this sandbox
+        keeps running. One entry per requested fork: a running sandbox, or the exception that
+        stopped that one. The children live ``timeout`` seconds (default 300) and keep this
+        sandbox's template, metadata and envs. What they did not inherit: ``last_branch_report``.
+
+        Also ``AsyncSandbox.fork(sandbox_id, timeout=None, count=None)``.
+        """
+        forks, report = await type(self)._branch(
+            self._sandbox_id, count, timeout, self._config.with_options(**opts)
         )
+        self.last_branch_report = report
+        return forks
+
+    @classmethod
+    async def _cls_branch(
+        cls, sandbox_id: str, count: int = 1, timeout: int | None = None, **opts: Any
+    ) -> list[Self]:
+        forks, _ = await cls._branch(sandbox_id, count, timeout, config_from(**opts))
+        return await _all_or_nothing(forks)
+
+    @dual("_cls_branch")
+    async def branch(self, count: int = 1, timeout: int | None = None, **opts: Any) -> list[Self]:
+        """forkd extension: like ``fork``, but all or nothing: the ``count`` new sandboxes, or, if
+        any of them failed to start, the first failure raised (the ones that did start are
+        killed first). ``last_branch_report`` says what the children did not inherit.
+
+        Also ``AsyncSandbox.branch(sandbox_id, count=1, timeout=None)``.
+        """
+        forks, report = await type(self)._branch(
+            self._sandbox_id, count, timeout, self._config.with_options(**opts)
+        )
+        self.last_branch_report = report
+        return await _all_or_nothing(forks)
+
+    @classmethod
+    async def _cls_create_snapshot(
+        cls, sandbox_id: str, name: str | None = None, *, mode: str | None = None, **opts: Any
+    ) -> SnapshotInfo:
+        check_mode(mode)
+        return await create_snapshot_call(sandbox_id, name, config_from(**opts))
+
+    @dual("_cls_create_snapshot")
+    async def create_snapshot(
+        self, name: str | None = None, *, mode: str | None = None, **opts: Any
+    ) -> SnapshotInfo:
+        """A snapshot of this sandbox as it is now (it keeps running): start any number of
+        sandboxes from it later with ``AsyncSandbox.create(template=info.snapshot_id)`` (or its
+        ``name``). A name already used by another of your snapshots moves to this one. Snapshots
+        last until ``delete_snapshot`` or until the gateway stops.
+
+        Also ``AsyncSandbox.create_snapshot(sandbox_id, name=None)``.
+        """
+        check_mode(mode)
+        return await create_snapshot_call(self._sandbox_id, name, self._config.with_options(**opts))
+
+    @classmethod
+    def _cls_list_snapshots(
+        cls,
+        sandbox_id: str | None = None,
+        limit: int | None = None,
+        next_token: str | None = None,
+        name: str | None = None,
+        **opts: Any,
+    ) -> AsyncSnapshotPaginator:
+        return AsyncSnapshotPaginator(sandbox_id, limit, next_token, name, **opts)
+
+    @dual("_cls_list_snapshots")
+    def list_snapshots(
+        self, limit: int | None = None, next_token: str | None = None, name: str | None = None, **opts: Any
+    ) -> AsyncSnapshotPaginator:
+        """This sandbox's snapshots, a page at a time (``AsyncSandbox.list_snapshots()``: all of yours)."""
+        return AsyncSnapshotPaginator(
+            self._sandbox_id, limit, next_token, name, **self._config.get_api_params(**opts)
+        )
+
+    @classmethod
+    async def delete_snapshot(cls, snapshot_id: str, **opts: Any) -> bool:
+        """Delete one of your snapshots: True, or False if there is none with this id. A snapshot
+        that sandboxes (or snapshots of them) still depend on is not deleted:
+        ``ConflictException`` names them."""
+        return await delete_snapshot_call(snapshot_id, config_from(**opts))
 
     async def __aenter__(self) -> Self:
         return self
@@ -385,3 +487,16 @@ class AsyncSandbox:
         dicts...), else its ``repr`` text. An exception raises ``EvalException``.
         """
         return await self._code.eval(expr, context, request_timeout)
+
+
+async def _all_or_nothing(forks: list[Any]) -> list[Any]:
+    failed = [f for f in forks if isinstance(f, Exception)]
+    if not failed:
+        return forks
+    for f in forks:
+        if not isinstance(f, Exception):
+            try:
+                await f.kill()
+            except Exception:  # the error the caller gets is the branch's, not this one
+                pass
+    raise failed[0]

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterable, Iterable, Iterator
 from typing import IO, Any, Literal, Self
 
 from . import protocol as p
+from ._branching import AsyncSnapshotPaginator
 from ._code_models import Context, Execution
 from ._commands import AsyncCommandHandle, AsyncCommands, AsyncPty, OutputEvent
 from ._config import ConnectionConfig
@@ -19,6 +20,7 @@ from ._dual import dual
 from ._exceptions import InvalidArgumentException, SandboxException
 from ._files import AsyncFileStreamReader, AsyncFilesystem, AsyncWatchHandle, _is_file_like
 from ._models import (
+    BranchReport,
     CommandResult,
     EntryInfo,
     FilesystemEvent,
@@ -26,6 +28,7 @@ from ._models import (
     PtySize,
     SandboxInfo,
     SandboxQuery,
+    SnapshotInfo,
     WriteInfo,
 )
 from ._portal import run, run_calling_back
@@ -34,6 +37,7 @@ from ._sandbox import AsyncSandbox, AsyncSandboxPaginator
 __all__ = [
     "Sandbox",
     "SandboxPaginator",
+    "SnapshotPaginator",
     "Commands",
     "CommandHandle",
     "Pty",
@@ -446,6 +450,49 @@ class SandboxPaginator:
         return run(self._p.next_items(**opts))
 
 
+class SnapshotPaginator:
+    """Pages of ``Sandbox.list_snapshots()``: ``while p.has_next: items = p.next_items()``."""
+
+    def __init__(
+        self,
+        sandbox_id: str | AsyncSnapshotPaginator | None = None,
+        limit: int | None = None,
+        next_token: str | None = None,
+        name: str | None = None,
+        **opts: Any,
+    ) -> None:
+        if isinstance(sandbox_id, AsyncSnapshotPaginator):
+            self._p = sandbox_id
+        else:
+            self._p = AsyncSnapshotPaginator(sandbox_id, limit, next_token, name, **opts)
+
+    @property
+    def has_next(self) -> bool:
+        return self._p.has_next
+
+    @property
+    def next_token(self) -> str | None:
+        return self._p.next_token
+
+    @property
+    def sandbox_id(self) -> str | None:
+        return self._p.sandbox_id
+
+    @property
+    def name(self) -> str | None:
+        return self._p.name
+
+    @property
+    def limit(self) -> int | None:
+        return self._p.limit
+
+    def next_items(self, **opts: Any) -> list[SnapshotInfo]:
+        """The next page. Past the last page: ``Exception("No more items to fetch")``."""
+        if not self._p.has_next:
+            raise Exception("No more items to fetch")
+        return run(self._p.next_items(**opts))
+
+
 class Sandbox:
     """A forkd sandbox (sync API). Create one with ``Sandbox.create()``.
 
@@ -603,18 +650,91 @@ class Sandbox:
         """Your sandboxes, a page at a time: ``while p.has_next: p.next_items()``."""
         return SandboxPaginator(AsyncSandbox.list(query, limit, next_token, order, **opts))
 
+    # -- BRANCH and snapshots ------------------------------------------------------
+    @property
+    def last_branch_report(self) -> BranchReport | None:
+        """forkd extension: what the last ``fork()``/``branch()`` of this sandbox captured."""
+        return self._async.last_branch_report
+
+    @property
+    def branch_report(self) -> BranchReport | None:
+        """forkd extension: on a sandbox made by ``fork``/``branch``, the report of that branch."""
+        return self._async.branch_report
+
     @classmethod
-    def _cls_fork(
-        cls, sandbox_id: str, timeout: int | None = None, count: int | None = None, **opts: Any
-    ) -> Any:
-        out = run(AsyncSandbox._cls_fork(sandbox_id, timeout, count, **opts))
+    def _wrap_all(cls, out: list[Any]) -> list[Any]:
         return [cls._wrap(s) if isinstance(s, AsyncSandbox) else s for s in out]
 
+    @classmethod
+    def _cls_fork(
+        cls,
+        sandbox_id: str,
+        timeout: int | None = None,
+        count: int | None = None,
+        logger: Any = None,
+        **opts: Any,
+    ) -> list[Self | Exception]:
+        return cls._wrap_all(run(AsyncSandbox._cls_fork(sandbox_id, timeout, count, **opts)))
+
     @dual("_cls_fork")
-    def fork(self, timeout: int | None = None, count: int | None = None, **opts: Any) -> list[Any]:
-        """Copies of this sandbox as it is now (forkd's BRANCH)."""
-        out = run(self._async.fork(timeout, count, **opts))
-        return [type(self)._wrap(s) if isinstance(s, AsyncSandbox) else s for s in out]
+    def fork(
+        self, timeout: int | None = None, count: int | None = None, **opts: Any
+    ) -> list[Self | Exception]:
+        """E2B's fork (see ``AsyncSandbox.fork``): one entry per requested fork, a running
+        sandbox or the exception that stopped it."""
+        return self._wrap_all(run(self._async.fork(timeout, count, **opts)))
+
+    @classmethod
+    def _cls_branch(
+        cls, sandbox_id: str, count: int = 1, timeout: int | None = None, **opts: Any
+    ) -> list[Self]:
+        return cls._wrap_all(run(AsyncSandbox._cls_branch(sandbox_id, count, timeout, **opts)))
+
+    @dual("_cls_branch")
+    def branch(self, count: int = 1, timeout: int | None = None, **opts: Any) -> list[Self]:
+        """forkd extension (see ``AsyncSandbox.branch``): all ``count`` children, or the first
+        failure raised after the started ones are killed."""
+        return self._wrap_all(run(self._async.branch(count, timeout, **opts)))
+
+    @classmethod
+    def _cls_create_snapshot(
+        cls, sandbox_id: str, name: str | None = None, *, mode: str | None = None, **opts: Any
+    ) -> SnapshotInfo:
+        return run(AsyncSandbox._cls_create_snapshot(sandbox_id, name, mode=mode, **opts))
+
+    @dual("_cls_create_snapshot")
+    def create_snapshot(
+        self, name: str | None = None, *, mode: str | None = None, **opts: Any
+    ) -> SnapshotInfo:
+        """A snapshot of this sandbox as it is now; ``Sandbox.create(template=info.snapshot_id)``
+        starts sandboxes from it (see ``AsyncSandbox.create_snapshot``)."""
+        return run(self._async.create_snapshot(name, mode=mode, **opts))
+
+    @classmethod
+    def _cls_list_snapshots(
+        cls,
+        sandbox_id: str | None = None,
+        limit: int | None = None,
+        next_token: str | None = None,
+        name: str | None = None,
+        **opts: Any,
+    ) -> SnapshotPaginator:
+        return SnapshotPaginator(
+            AsyncSandbox._cls_list_snapshots(sandbox_id, limit, next_token, name, **opts)
+        )
+
+    @dual("_cls_list_snapshots")
+    def list_snapshots(
+        self, limit: int | None = None, next_token: str | None = None, name: str | None = None, **opts: Any
+    ) -> SnapshotPaginator:
+        """This sandbox's snapshots, a page at a time (``Sandbox.list_snapshots()``: all of yours)."""
+        return SnapshotPaginator(self._async.list_snapshots(limit, next_token, name, **opts))
+
+    @classmethod
+    def delete_snapshot(cls, snapshot_id: str, **opts: Any) -> bool:
+        """Delete one of your snapshots: True, or False if there is none with this id;
+        ``ConflictException`` while sandboxes still depend on it."""
+        return run(AsyncSandbox.delete_snapshot(snapshot_id, **opts))
 
     def __enter__(self) -> Self:
         return self

@@ -4,6 +4,7 @@ from ._code import EvalException
 from ._exceptions import (
     AuthenticationException,
     CancelledException,
+    ConflictException,
     FileNotFoundException,
     InvalidArgumentException,
     NotEnoughSpaceException,
@@ -25,6 +26,7 @@ __all__ = [
     "AuthenticationException",
     "CancelledException",
     "CommandExitException",
+    "ConflictException",
     "EvalException",
     "FileNotFoundException",
     "InvalidArgumentException",

@@ -92,6 +92,7 @@ class ErrorCode(enum.StrEnum):
     PROTOCOL = "protocol_error"
     UNKNOWN_METHOD = "unknown_method"
     CANCELLED = "cancelled"
+    CONFLICT = "conflict"  # the target's state forbids the call now (busy; in use by others)
 
 
 class RpcError(Exception):
