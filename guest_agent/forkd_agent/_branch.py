@@ -43,7 +43,7 @@ _STATUS_LIMIT = 1 << 20
 
 
 def _conflict(message: str) -> p.RpcError:
-    return p.RpcError(getattr(p.ErrorCode, "CONFLICT", p.ErrorCode.SERVICE_BUSY), message)
+    return p.RpcError(p.ErrorCode.CONFLICT, message)
 
 
 class _Export:

@@ -470,7 +470,7 @@ class ProcessBackend(Backend):
             try:
                 exported = await child.conn.request("branch.export", {}, timeout=30)
             except p.RpcError as exc:
-                busy = exc.code.value == "conflict"
+                busy = exc.code == p.ErrorCode.CONFLICT
                 raise (BranchBusy if busy else BranchError)(f"{child.id}: {exc}") from None
             except (ConnectionError, OSError) as exc:
                 raise BranchError(f"{child.id} is not running ({exc})") from None
