@@ -94,8 +94,12 @@ def serve(template_store, tmp_path):
         time.sleep(0.05)
     yield proc, url, tmp_path
     if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+        proc.terminate()  # a graceful stop cleans up (a SIGKILL is left for reconcile())
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
     log.close()
 
 

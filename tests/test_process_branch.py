@@ -12,6 +12,7 @@ SETUP = """
 import numpy as np
 counter = 41
 data = np.arange(1000)
+big = np.full(1 << 18, 7.0)  # 2 MiB: travels out of band, mapped by the children
 def bump(n=1):
     global counter
     counter += n
@@ -48,10 +49,15 @@ async def test_children_inherit_variables_functions_and_objects_then_diverge(pro
     for kid in (a, b):
         assert await eval_in(kid, "counter") == 41
         assert await eval_in(kid, "int(data.sum())") == 499500
+        assert await eval_in(kid, "float(big.sum())") == 7.0 * (1 << 18)
         assert await eval_in(kid, "tally.items") == ["before"]
         assert await eval_in(kid, "word", ctx["id"]) == "hi second"  # the second context, same id
         assert await eval_in(kid, "os.getcwd()", ctx["id"]) == "/tmp"
         assert await eval_in(kid, "'gen' in globals()") is False
+    # Mapped arrays are the child's own as soon as it writes them.
+    assert await eval_in(a, "big.__setitem__(0, 100.0) or float(big[0])") == 100.0
+    assert await eval_in(b, "float(big[0])") == 7.0
+    assert await eval_in(source, "float(big[0])") == 7.0
     # Functions defined in cells work on the child's own globals.
     assert await eval_in(a, "bump(10)") == 51
     assert await eval_in(a, "counter") == 51

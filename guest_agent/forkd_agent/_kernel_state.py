@@ -11,11 +11,22 @@ dill, not pickle: functions and classes defined in cells live in ``__main__``
 and must travel by value, with their globals bound to the restoring kernel's
 ``__main__`` (dill does exactly that). What does not pickle (generators,
 sockets, locks held...) is left out by name and reported, never fatal.
+
+Large buffers (numpy arrays, and so pandas frames) go out of band (pickle
+protocol 5), page-aligned after the pickle stream. A restoring kernel maps the
+file copy-on-write and the arrays are views of that mapping: nothing is copied,
+and every branch child of a snapshot shares those pages until it writes them.
+
+File layout: a header (magic, stream length, index offset, index length), the
+pickle stream, the buffers (each at a page boundary), the index (msgpack list
+of [offset, length], one per out-of-band buffer, in pickling order).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 import time
 from typing import Any
 
@@ -28,6 +39,11 @@ KERNEL_NAMES = frozenset(
     ("__builtins__", "__name__", "__doc__", "__loader__", "__spec__", "__package__", "display")
 )
 _WHY_LIMIT = 300
+_MAGIC = b"forkdns1"
+_HEADER = struct.Struct("<8sQQQ")
+_PAGE = mmap.PAGESIZE
+# Smaller buffers stay in the stream: a page of padding each would outweigh them.
+_OUT_OF_BAND = 64 * 1024
 
 
 class _Discard:
@@ -72,19 +88,18 @@ def _writer(session: Any, data_fd: int, status_fd: int) -> int:  # pragma: no co
         items = {k: v for k, v in session.ns.items() if k not in KERNEL_NAMES}
         with open(data_fd, "wb", closefd=True) as out:
             try:
-                dill.dump(items, out, protocol=5)
+                buffers = _dump(dill, items, out)
             except Exception:
                 # Something does not pickle: find what, leave it out, try again.
-                out.seek(0)
-                out.truncate()
                 for name in list(items):
                     try:
-                        dill.dump(items[name], _Discard(), protocol=5)
+                        _pickler(dill, _Discard(), None).dump(items[name])
                     except Exception as exc:
                         why = f"{type(items.pop(name)).__name__}: {exc}"
                         status["skipped"].append({"name": name, "why": why[:_WHY_LIMIT]})
-                dill.dump(items, out, protocol=5)
+                buffers = _dump(dill, items, out)
             status["bytes"] = out.tell()
+            status["buffers"] = buffers
         status["names"] = sorted(items)
         status["ok"] = True
     except BaseException as exc:
@@ -95,6 +110,49 @@ def _writer(session: Any, data_fd: int, status_fd: int) -> int:  # pragma: no co
     except OSError:
         return 1
     return 0 if status["ok"] else 1
+
+
+def _pickler(dill: Any, out: Any, buffers: list | None) -> Any:
+    class Pickler(dill.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            # dill saves arrays with their protocol-2 reduction (bytes in the
+            # stream); numpy's own protocol-5 one hands out a PickleBuffer.
+            t = type(obj)
+            if t.__name__ == "ndarray" and t.__module__ == "numpy":
+                return obj.__reduce_ex__(5)
+            return NotImplemented
+
+    def keep(buf: Any) -> bool:
+        if buffers is None or buf.raw().nbytes < _OUT_OF_BAND:
+            return True  # in band
+        buffers.append(buf)
+        return False
+
+    return Pickler(out, protocol=5, buffer_callback=keep)
+
+
+def _dump(dill: Any, items: dict, out: Any) -> int:
+    """Write ``items`` in the layout above; returns the number of out-of-band buffers."""
+    out.seek(0)
+    out.truncate()
+    out.write(bytes(_HEADER.size))
+    buffers: list = []
+    _pickler(dill, out, buffers).dump(items)
+    stream_len = out.tell() - _HEADER.size
+    index = []
+    for buf in buffers:
+        with buf.raw() as view:
+            offset = -(-out.tell() // _PAGE) * _PAGE
+            out.seek(offset)
+            out.write(view)
+            index.append((offset, view.nbytes))
+    packed = msgpack.packb(index)
+    index_offset = out.tell()
+    out.write(packed)
+    out.seek(0)
+    out.write(_HEADER.pack(_MAGIC, stream_len, index_offset, len(packed)))
+    out.seek(0, os.SEEK_END)
+    return len(buffers)
 
 
 def restore(session: Any, fds: list[int]) -> dict:
@@ -112,7 +170,7 @@ def restore(session: Any, fds: list[int]) -> dict:
         import dill
 
         with f:
-            items = dill.load(f)
+            items = _load(dill, f)
         if not isinstance(items, dict):
             raise TypeError(f"a namespace file holds a dict, not {type(items).__name__}")
         for name in KERNEL_NAMES:
@@ -121,3 +179,19 @@ def restore(session: Any, fds: list[int]) -> dict:
         return {"names": sorted(items), "error": None}
     except Exception as exc:
         return {"names": [], "error": session._describe(exc)}
+
+
+def _load(dill: Any, f: Any) -> Any:
+    magic, stream_len, index_offset, index_len = _HEADER.unpack(f.read(_HEADER.size))
+    if magic != _MAGIC:
+        raise ValueError("not a saved namespace")
+    stream = f.read(stream_len)
+    f.seek(index_offset)
+    index = msgpack.unpackb(f.read(index_len))
+    buffers = []
+    if index:
+        # Private and writable: the arrays are the child's own from its first write.
+        mapping = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        view = memoryview(mapping)
+        buffers = [view[offset : offset + length] for offset, length in index]
+    return dill.loads(stream, buffers=buffers)
