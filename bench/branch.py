@@ -127,6 +127,9 @@ async def run(args: argparse.Namespace) -> dict:
                 await check_child(source, args.memory_mb, args.files_mb)
                 await source.kill()
         finally:
+            if hasattr(gateway.backend, "keep_snapshots"):
+                # The state directory is temporary: so is the template's snapshot (its RAM file is in /dev/shm).
+                gateway.backend.keep_snapshots = False
             await gateway.close()
     rebuild_s = statistics.median(rebuild)
     return {

@@ -63,3 +63,27 @@ async def process_backend(template_store, tmp_path):
     await backend.start()
     yield backend
     await backend.close()
+
+
+# -- the microVM backend's tests (test_vm_*.py) --
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (cgroups, network namespaces, image build)"
+    for tool in ("qemu-system-x86_64", "qemu-img", "mkfs.ext4", "apt-get", "mmdebstrap"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (scripts/setup.sh installs it)"
+    try:
+        import qemu.qmp  # noqa: F401
+    except ImportError:
+        return "qemu.qmp is not installed (pip install -e '.[server]')"
+    return None
+
+
+@pytest.fixture(scope="module")
+def vm_store(template_store):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    return template_store

@@ -27,27 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 
 
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (cgroups, network namespaces, image build)"
-    for tool in ("qemu-system-x86_64", "qemu-img", "mkfs.ext4", "apt-get", "mmdebstrap"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (scripts/setup.sh installs it)"
-    try:
-        import qemu.qmp  # noqa: F401
-    except ImportError:
-        return "qemu.qmp is not installed (pip install -e '.[server]')"
-    return None
-
-
-@pytest.fixture(scope="module")
-def vm_store(template_store):
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    return template_store
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def vm(vm_store, tmp_path_factory):
     """A started VmBackend with the `base` snapshot taken (snapshots deleted on close)."""

@@ -50,6 +50,7 @@ from .._cgroups import Cgroups, detect
 from .._network import NetworkError, NetworkManager
 from .._state import state_dir, take_state_lock
 from .._templates import TemplateStore
+from ._branch import Branching
 from ._parent import ParentBoot
 from ._pool import WarmPool
 from ._qemu import Machine, qemu_binary
@@ -67,7 +68,9 @@ log = logging.getLogger("forkd.runtime.vm")
 RESTORE_TIMEOUT = 60.0
 
 
-class VmBackend(SnapshotCatalog, ParentBoot, WarmPool, VmProcesses, ChildNetwork, Reconcile, Backend):
+class VmBackend(
+    SnapshotCatalog, ParentBoot, WarmPool, VmProcesses, ChildNetwork, Reconcile, Branching, Backend
+):
     name = "vm"
 
     def __init__(
@@ -83,6 +86,7 @@ class VmBackend(SnapshotCatalog, ParentBoot, WarmPool, VmProcesses, ChildNetwork
         progress: Callable[[str], None] | None = None,
         network: NetworkManager | None = None,
         restore_parallel: int | None = None,
+        branch_pool_size: int = 0,
     ) -> None:
         """``root``: this runtime's state directory; ``store``: where templates come
         from. ``memory_mb``: guest RAM of parents (and so of their children).
@@ -91,7 +95,10 @@ class VmBackend(SnapshotCatalog, ParentBoot, WarmPool, VmProcesses, ChildNetwork
         beside the templates). ``keep_snapshots``: leave snapshots (their RAM file
         on /dev/shm) for the next run on close; otherwise delete them.
         ``network``: a NetworkManager for children that ask for internet access
-        (default: one of its own, set up on first use, torn down at close)."""
+        (default: one of its own, set up on first use, torn down at close).
+        ``branch_pool_size``: QEMU processes kept waiting per BRANCH snapshot
+        (``capture``); none by default: a branch's children are usually all
+        asked for at once, right after it."""
         self.state = state_dir(root)
         self.store = store or TemplateStore(self.state)
         self.image_cache = Path(image_cache) if image_cache else self.store.root / "vm"
@@ -104,6 +111,9 @@ class VmBackend(SnapshotCatalog, ParentBoot, WarmPool, VmProcesses, ChildNetwork
         self.cgroups: Cgroups = detect(f"vm-{self.scope}")
         self.memory_mb = memory_mb
         self.pool_size = pool_size
+        self.branch_pool_size = branch_pool_size
+        # Directories of failed captures' layers that a source still reads.
+        self._loose_layers: set[Path] = set()
         self._accel = accel
         self.machine: Machine | None = None
         self.keep_snapshots = keep_snapshots
@@ -158,6 +168,8 @@ class VmBackend(SnapshotCatalog, ParentBoot, WarmPool, VmProcesses, ChildNetwork
         if self._own_network and self.network is not None:
             await self.network.teardown()
             self.network = None
+        # BRANCH snapshots never outlive the runtime (their sources are gone).
+        await self._drop_captures()
         if not self.keep_snapshots:
             for s in list(self._snaps.values()):
                 await self.delete_snapshot(s.snapshot)
@@ -205,7 +217,7 @@ class VmBackend(SnapshotCatalog, ParentBoot, WarmPool, VmProcesses, ChildNetwork
             if self._spawning == 0:
                 self._idle.set()
             # A larger pool asked for by warm() served one burst; refill to the usual size.
-            s.pool_target = self.pool_size
+            s.pool_target = self.pool_size if s.pool_size is None else s.pool_size
             self._kick(s)
         children = [c for c in outcomes if isinstance(c, Child)]
         errors = [str(e) for e in outcomes if isinstance(e, BaseException)]
@@ -231,6 +243,11 @@ class VmBackend(SnapshotCatalog, ParentBoot, WarmPool, VmProcesses, ChildNetwork
                 vm.limits = options.limits
             vm.conn.add_close_callback(lambda _c: self._on_channel_closed(child))
             async with self._admission:
+                if s.captured:
+                    # Ahead of everything: the guest drops the connection its
+                    # source had, and we skip what it still sends of it.
+                    assert vm.channel is not None
+                    vm.channel.start_reset()
                 # The refresh is queued on the agent channel first: QEMU delivers
                 # it as soon as the guest runs, which it does by itself once its
                 # state is loaded.
@@ -286,8 +303,14 @@ class VmBackend(SnapshotCatalog, ParentBoot, WarmPool, VmProcesses, ChildNetwork
             if bad:
                 raise SpawnError(f"identity refresh failed for {', '.join(bad)}: {report}")
         except BaseException as exc:
+            if vm.exited is not None and not vm.exited.done() and vm.conn.closed.is_set():
+                # Its channel closed: QEMU is probably on its way out; say why.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(vm.exited), 2.0)
+            died = vm.exited is not None and vm.exited.done()
+            tail = f" (QEMU exited, status {vm.proc.poll()}: {_log_tail(vm)})" if died else ""
             await self.kill(child)
-            raise SpawnError(f"{vm.id}: did not come up: {exc}") from None
+            raise SpawnError(f"{vm.id}: did not come up: {exc}{tail}") from None
         return child
 
     def _on_channel_closed(self, child: Child) -> None:
@@ -299,6 +322,8 @@ class VmBackend(SnapshotCatalog, ParentBoot, WarmPool, VmProcesses, ChildNetwork
         vm: VmProcess = child.handle
         self._children.pop(child.id, None)
         await self._destroy(vm)
+        if self._loose_layers:
+            await self._collect_loose_layers()
 
 
 # -- helpers ------------------------------------------------------------------------------

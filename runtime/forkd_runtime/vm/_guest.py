@@ -31,13 +31,17 @@ import sys
 import time
 
 from forkd import protocol as p
-from forkd._transports import StreamTransport
+from forkd._transports import StreamTransport, TransportClosed
 from forkd_agent._lazy import HandOver, answer_until_needed
 
 # Host-only method of the VM backend (not part of the agent protocol): gives a
 # child with internet access its own address on eth0 (see configure_network).
 NET_CONFIGURE = "vm.net.configure"
-EARLY = frozenset({"hello", "ping", "info", "identity.refresh", NET_CONFIGURE})
+# Host-only too, the first frame a child restored from a BRANCH reads: see
+# GuestPort. Its id is a msgpack uint64 (the host's control ids).
+RESET = "vm.branch.reset"
+EARLY = frozenset({"hello", "ping", "info", "identity.refresh", NET_CONFIGURE, RESET})
+_CONTROL_REQUEST = b"\x94\x00\xcf"  # [0, <uint64 id>, ...]
 
 
 class _Early:
@@ -104,6 +108,9 @@ def early_answer(early: _Early, methods: dict):
     def answer(msg: p.Request):
         if msg.method not in EARLY:
             raise HandOver
+        if msg.method == RESET:
+            # Nothing to drop here: this loop keeps no state of a connection.
+            return _nonce(msg.params)
         handler = methods[msg.method]
         if msg.method == "identity.refresh":
             return _refresh_early(handler, early, msg.params)
@@ -115,8 +122,8 @@ def early_answer(early: _Early, methods: dict):
 # <linux/sockios.h>, <linux/if.h>, <linux/route.h>
 _SIOCGIFFLAGS, _SIOCSIFFLAGS = 0x8913, 0x8914
 _SIOCSIFADDR, _SIOCSIFNETMASK, _SIOCSIFMTU, _SIOCSIFHWADDR = 0x8916, 0x891C, 0x8922, 0x8924
-_SIOCADDRT = 0x890B
-_IFF_UP, _ARPHRD_ETHER, _RTF_UP_GATEWAY = 0x1, 1, 0x1 | 0x2
+_SIOCADDRT, _SIOCDELRT = 0x890B, 0x890C
+_IFF_UP, _ARPHRD_ETHER, _RTF_UP, _RTF_UP_GATEWAY = 0x1, 1, 0x1, 0x1 | 0x2
 
 
 def _ifreq(ifname: str, data: bytes = b"") -> bytes:
@@ -164,6 +171,13 @@ def configure_network(params: dict) -> dict:
             "@L16s16s16sHhLPhPLLH6x", 0, any4, _sockaddr_in(gateway), any4, _RTF_UP_GATEWAY,
             0, 0, 0, 0, 0, 0, 0, 0,
         )  # fmt: skip
+        # A child of a BRANCH of a sandbox with internet access has its
+        # source's default route already.
+        old = struct.pack("@L16s16s16sHhLPhPLLH6x", 0, any4, any4, any4, _RTF_UP, 0, 0, 0, 0, 0, 0, 0, 0)
+        try:
+            fcntl.ioctl(s, _SIOCDELRT, old)
+        except OSError:
+            pass
         fcntl.ioctl(s, _SIOCADDRT, rt)
     # Replaced, not rewritten in place: the template's file may be a symlink.
     tmp = "/etc/.resolv.conf.forkd"
@@ -183,25 +197,126 @@ async def _net_configure(agent, conn, params: dict) -> dict:
         raise p.RpcError(p.ErrorCode.SANDBOX, f"{NET_CONFIGURE}: {exc}") from None
 
 
+def _nonce(params: dict) -> bytes:
+    nonce = params.get("nonce")
+    if not isinstance(nonce, bytes) or not 8 <= len(nonce) <= 64:
+        raise p.RpcError(p.ErrorCode.INVALID_ARGUMENT, f"{RESET}: nonce must be 8 to 64 bytes")
+    return nonce
+
+
+class GuestPort:
+    """The agent's virtio-serial port, framed, serving one agent connection at
+    a time (``serve``).
+
+    A VM restored from a BRANCH resumes inside its source's connection: the
+    agent's Connection holds the source's requests and streams, and the host
+    end is a new connection that knows none of them. So the host's first frame
+    to such a child is ``vm.branch.reset {nonce}``: the session that reads it
+    answers with the nonce (the host skips everything before that answer, see
+    the runtime's ``vm/_channel.py``), then ends as if the host had hung up
+    (handlers cancelled, ``drop_connection`` hooks run; processes keep running),
+    and the frames after it go to a new connection. The reset arrives whole:
+    the snapshot was only taken once every byte the host had sent was in the
+    guest. What this side still sends of the old connection (the tail of a
+    frame, its last frames) goes out before the answer, and the host skips it."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rtransport, initial=b""
+    ) -> None:
+        self._writer = writer
+        self._rtransport = rtransport
+        # The framing of one byte stream, whichever agent connection it serves now.
+        self._stream = StreamTransport(reader, writer, p.MAX_FRAME_SIZE, initial)
+        self.reset = False
+
+    @classmethod
+    async def open(cls, fd: int, initial: bytes = b"") -> GuestPort:
+        loop = asyncio.get_running_loop()
+        os.set_blocking(fd, False)
+        rfile = os.fdopen(fd, "rb", buffering=0)
+        wfile = os.fdopen(os.dup(fd), "wb", buffering=0)
+        reader = asyncio.StreamReader(limit=StreamTransport.READ_SIZE)
+        rtransport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), rfile)
+        wtransport, wproto = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, wfile)
+        writer = asyncio.StreamWriter(wtransport, wproto, reader, loop)
+        return cls(reader, writer, rtransport, initial)
+
+    async def serve(self, agent, name: str) -> None:
+        """Until the host hangs up: a connection per session, a new one after each reset."""
+        try:
+            while True:
+                self.reset = False
+                conn = agent.attach(_Session(self), name=name)
+                await conn.wait_closed()
+                if not self.reset:
+                    return
+        finally:
+            self._writer.close()
+            self._rtransport.close()
+
+    async def next_frame(self) -> bytes:
+        return await self._stream.recv()
+
+    async def send(self, body: bytes) -> None:
+        await self._stream.send(body)
+
+
+class _Session:
+    """One agent connection's transport over the GuestPort."""
+
+    def __init__(self, port: GuestPort) -> None:
+        self._port = port
+        self._ended = False
+
+    async def recv(self) -> bytes:
+        if self._ended:
+            raise TransportClosed()
+        body = await self._port.next_frame()
+        if body[:3] == _CONTROL_REQUEST:
+            try:
+                msg = p.decode(body)
+            except p.ProtocolError:
+                return body
+            if type(msg) is p.Request and msg.method == RESET:
+                try:
+                    reply = p.Response(msg.id, None, _nonce(msg.params))
+                except p.RpcError as exc:
+                    await self._port.send(p.encode(p.Response(msg.id, exc, None)))
+                    return await self.recv()
+                # Written before anything of the next connection, and this
+                # session sends nothing more.
+                self._ended = True
+                self._port.reset = True
+                await self._port.send(p.encode(reply))
+                raise TransportClosed("the host started a new connection")
+        return body
+
+    async def send(self, body: bytes) -> None:
+        if self._ended:
+            raise TransportClosed()
+        await self._port.send(body)
+
+    async def close(self) -> None:
+        self._ended = True
+
+
 async def serve_full(fd: int, port: str, initial: bytes, early: _Early) -> None:
-    from forkd_agent._server import Agent, serve_device
+    from forkd_agent._server import Agent
 
     _seed_numpy(early)
     agent = Agent(sandbox_id=early.sandbox_id, warm=early.warm)
     agent.started_at, agent.started_monotonic = early.started_at, early.started_monotonic
     await agent.start()
-    loop = asyncio.get_running_loop()
-    os.set_blocking(fd, False)
-    rfile = os.fdopen(fd, "rb", buffering=0)
-    wfile = os.fdopen(os.dup(fd), "wb", buffering=0)
-    reader = asyncio.StreamReader(limit=StreamTransport.READ_SIZE)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), rfile)
-    wtransport, wproto = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, wfile)
-    writer = asyncio.StreamWriter(wtransport, wproto, reader, loop)
-    conn = agent.attach(StreamTransport(reader, writer, initial=initial), name=f"device:{port}")
-    await conn.wait_closed()
-    # Later host connections: the agent's own port loop (reopens after each hang-up).
-    await serve_device(agent, port)
+    name = f"device:{port}"
+    await (await GuestPort.open(fd, initial)).serve(agent, name)
+    # Later host connections: the port reopened after each hang-up.
+    while not agent.stopping.is_set():
+        await asyncio.sleep(0.05)
+        try:
+            fd = os.open(port, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        await (await GuestPort.open(fd)).serve(agent, name)
 
 
 def main(argv: list[str] | None = None) -> None:

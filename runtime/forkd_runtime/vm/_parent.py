@@ -17,7 +17,7 @@ from forkd._connection import Connection
 from .._backend import Limits, Snapshot, SpawnError
 from ._image import UPPER_MB, VmImage
 from ._qemu import QemuError, command
-from ._snapshot_meta import SHM, LoadedSnapshot
+from ._snapshot_meta import SHM, LoadedSnapshot, default_layers
 from ._vm_process import VmProcess
 
 __all__ = ["ParentBoot", "qemu_img"]
@@ -98,6 +98,7 @@ class ParentBoot:
                 "migration_total_ms": migration.get("total-time"),
                 "warm": info.get("warm"),
                 "versions": image.versions(),
+                "layers": default_layers(image, final),
             }
             (work / "meta.json").write_text(json.dumps(meta, indent=2))
             shutil.rmtree(final, ignore_errors=True)
@@ -133,6 +134,7 @@ class ParentBoot:
                 console=console,
                 incoming=False,
                 chroot=self.empty,
+                layers=[(image.upper, "raw")],
             )
 
         limits = Limits(memory_mb=machine.memory_mb + 512, cpus=float(os.cpu_count() or 1), pids=4096)

@@ -84,6 +84,8 @@ class WarmPool:
             shutil.rmtree(run, ignore_errors=True)
             raise
 
+        layers = s.layers
+
         def build(qmp_fd: int, agent_fd: int) -> list[str]:
             return command(
                 machine,
@@ -97,10 +99,13 @@ class WarmPool:
                 incoming=True,
                 chroot=self.empty,
                 tap_fd=tap_fd,
+                layers=layers,
             )
 
         extra = () if tap_fd is None else (tap_fd,)
         vm = await self._launch(vid, build, self.default_limits, incoming=True, run=run, extra_fds=extra)
+        vm.top_file = run / "upper.qcow2"
+        vm.layers = list(layers)
         try:
             await vm.qmp.set_capability("x-ignore-shared")
             # QEMU starts reading the pipe now and waits for the bytes: the
@@ -108,7 +113,8 @@ class WarmPool:
             await vm.qmp.execute("migrate-incoming", {"uri": f"fd:{vm.state_r}"})
             os.close(vm.state_r)
             vm.state_r = -1
-            await self._connect_agent(vm)
+            # A BRANCH's child starts where its source's channel was cut.
+            await self._connect_agent(vm, resync=s.captured)
         except BaseException:
             await self._destroy(vm)
             raise

@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +35,17 @@ CMDLINE = (
     "console=ttyS0 reboot=t panic=-1 quiet mitigations=off random.trust_cpu=on "
     "psi=0 lsm=capability audit=0 cgroup_disable=memory nowatchdog nosoftlockup transparent_hugepage=never"
 )
+
+
+# Every image file node: no page-cache drop when block devices are activated
+# again (a BRANCH resumes its source after a completed migration, and QEMU
+# would otherwise evict the host's cache of the root disk and every layer,
+# which all VMs share), and no fsync: the writable layers are scratch, thrown
+# away after a host crash anyway, and a flush would otherwise hold a BRANCH's
+# pause for as long as the host takes to write the sandbox's dirty data.
+FILE_OPTS = "drop-cache=off"
+WRITABLE_OPTS = "cache.no-flush=on"
+RAM_PAD_KIB = 8  # -m is rounded up to 8 KiB
 
 
 class QemuError(Exception):
@@ -116,6 +128,17 @@ class Machine:
         tb = tb_size_mb or 32
         return cls(accel=accel, cpu=cpu, memory_mb=memory_mb, qemu_version=qemu_version(), tb_size_mb=tb)
 
+    @property
+    def ram_kib(self) -> int:
+        """Guest RAM: ``memory_mb`` and two pages more. QEMU 7.2 under TCG loses
+        writes during a live migration (BRANCH) when a RAM block's size is a
+        multiple of 64 pages: its dirty-bitmap sync then takes a fast path that
+        clears dirty bits without resetting the vCPU's TLB, so later stores
+        through cached entries go unrecorded (fixed upstream in QEMU 9.0 by
+        "physmem: Fix migration dirty bitmap coherency with TCG memory
+        access"). Extra pages make every sync take the per-page path."""
+        return self.memory_mb * 1024 + RAM_PAD_KIB
+
     def meta(self) -> dict:
         d = asdict(self)
         if self.accel == "kvm":
@@ -158,6 +181,26 @@ def _host_cpu_model() -> str:
     return "unknown"
 
 
+def disk_args(upper: Path, layers: Sequence[tuple[Path, str]]) -> list[str]:
+    """The writable disk: node ``upper`` (qcow2 in ``upper``) over its backing
+    chain, each layer a read-only node named ``layer<i>`` given explicitly (so
+    every file node gets FILE_OPTS; the file names in the qcow2 headers are
+    not followed). Without ``layers``, the chain the headers name."""
+    args: list[str] = []
+    below = ""
+    for i, (path, fmt) in enumerate(layers):
+        args += [
+            "-blockdev", f"driver=file,filename={path},node-name=layer{i}-file,read-only=on,{FILE_OPTS}",
+            "-blockdev", f"driver={fmt},file=layer{i}-file,node-name=layer{i},read-only=on{below}",
+        ]  # fmt: skip
+        below = f",backing=layer{i}"
+    args += [
+        "-blockdev", f"driver=file,filename={upper},node-name=upper-file,{FILE_OPTS},{WRITABLE_OPTS}",
+        "-blockdev", f"driver=qcow2,file=upper-file,node-name=upper,{WRITABLE_OPTS}{below}",
+    ]  # fmt: skip
+    return args
+
+
 def command(
     machine: Machine,
     image: VmImage,
@@ -171,13 +214,16 @@ def command(
     incoming: bool,
     chroot: Path | None = None,
     tap_fd: int | None = None,
+    layers: Sequence[tuple[Path, str]] = (),
 ) -> list[str]:
     """The QEMU command line for a parent (``share=True``, boots the kernel) or a
     child (``share=False``: a private copy-on-write mapping of the parent's RAM
     file; waits in ``-incoming defer`` for its device state). ``tap_fd``: an
-    open queue of a host tap device for the NIC (a child with internet access)."""
+    open queue of a host tap device for the NIC (a child with internet access).
+    ``layers``: the read-only backing chain of ``upper``, bottom first, as
+    ``(path, format)`` (see ``disk_args``)."""
     accel = "kvm" if machine.accel == "kvm" else f"tcg,tb-size={machine.tb_size_mb}"
-    mem = machine.memory_mb
+    mem = machine.ram_kib
     args = [
         qemu_binary(),
         "-name", "forkd",
@@ -188,8 +234,8 @@ def command(
         "-accel", accel,
         "-cpu", machine.cpu,
         "-smp", "1",
-        "-m", f"{mem}M",
-        "-object", f"memory-backend-file,id=mem,size={mem}M,mem-path={mem_path},share={'on' if share else 'off'}",
+        "-m", f"{mem}K",
+        "-object", f"memory-backend-file,id=mem,size={mem}K,mem-path={mem_path},share={'on' if share else 'off'}",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(image.kernel),
         "-initrd", str(image.initramfs),
@@ -201,11 +247,10 @@ def command(
         "-chardev", f"socket,id=agent,fd={agent_fd}",
         "-device", "virtio-serial-device,max_ports=2",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
-        "-blockdev", f"driver=file,filename={image.rootfs},node-name=root-file,read-only=on",
+        "-blockdev", f"driver=file,filename={image.rootfs},node-name=root-file,read-only=on,{FILE_OPTS}",
         "-blockdev", "driver=raw,file=root-file,node-name=root,read-only=on",
         "-device", "virtio-blk-device,drive=root",
-        "-blockdev", f"driver=file,filename={upper},node-name=upper-file",
-        "-blockdev", "driver=qcow2,file=upper-file,node-name=upper",
+        *disk_args(upper, layers),
         "-device", "virtio-blk-device,drive=upper",
         # No network unless asked for: the tap lives in QEMU's own, empty network
         # namespace. With internet access, a queue of a tap on the host's bridge,

@@ -13,7 +13,7 @@ import logging
 import socket
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from ._qemu import QemuError
 
@@ -43,7 +43,7 @@ class Qmp:
         try:
             return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
         except ExecuteError as exc:
-            raise QmpError(f"{self.name}: {command}: {exc.error.desc}") from None
+            raise QmpError(f"{self.name}: {command}: {exc.error.error.desc}") from None
         except TimeoutError:
             raise QmpError(f"{self.name}: {command}: no answer within {timeout} s") from None
         except Exception as exc:
@@ -53,6 +53,28 @@ class Qmp:
         """Hand QEMU a file descriptor it can then use as ``fd:<name>``."""
         self._client.send_fd_scm(fd)
         await self.execute("getfd", {"fdname": name})
+
+    async def add_fdset(self, fds: list[int]) -> int:
+        """Put ``fds`` (e.g. one read-write and one read-only descriptor of a
+        file) into a new fd set: QEMU then opens ``/dev/fdset/<id>`` with
+        whichever matches the access it wants, even chrooted."""
+        fdset = None
+        for fd in fds:
+            self._client.send_fd_scm(fd)
+            res = await self.execute("add-fd", {} if fdset is None else {"fdset-id": fdset})
+            fdset = res["fdset-id"]
+        assert fdset is not None
+        return fdset
+
+    def listen(self, *names: str) -> EventListener:
+        """Start collecting these events (``await listener.get()``); ``unlisten`` after."""
+        listener = EventListener(names)
+        self._client.register_listener(listener)
+        return listener
+
+    def unlisten(self, listener: EventListener) -> None:
+        with contextlib.suppress(Exception):
+            self._client.remove_listener(listener)
 
     async def set_capability(self, name: str, state: bool = True) -> None:
         await self.execute(

@@ -40,10 +40,13 @@ class Reconcile:
         for entry in list(self.snap_root.iterdir()):
             meta = read_json(entry / "meta.json")
             mem = Path(meta["memory_path"]) if meta and "memory_path" in meta else None
-            if ".tmp-" in entry.name or meta is None or mem is None or not mem.exists():
+            # BRANCH snapshots (and failed captures' layers, which have no
+            # meta) die with the run that made them: their sources are gone.
+            captured = bool(meta and meta.get("captured"))
+            if ".tmp-" in entry.name or meta is None or mem is None or not mem.exists() or captured:
                 await asyncio.to_thread(shutil.rmtree, entry, True)
                 removed["snapshots"] += 1
-                if mem is not None and ".tmp-" in entry.name:
+                if mem is not None and (".tmp-" in entry.name or captured):
                     with contextlib.suppress(FileNotFoundError):
                         mem.unlink()
                 continue

@@ -11,7 +11,7 @@ from .._backend import Snapshot, SpawnError
 from ._image import VmImage
 from ._vm_process import VmProcess
 
-__all__ = ["SNAPSHOT_KEYS", "SHM", "SnapshotMismatch", "LoadedSnapshot", "read_json"]
+__all__ = ["SNAPSHOT_KEYS", "SHM", "SnapshotMismatch", "LoadedSnapshot", "read_json", "default_layers"]
 
 # What a restore depends on: a snapshot whose values differ is refused.
 SNAPSHOT_KEYS = (
@@ -42,6 +42,8 @@ class LoadedSnapshot:
     pool_target: int = 0
     filling: asyncio.Task | None = None
     launching: int = 0
+    # QEMU processes kept waiting after a spawn (None: the backend's pool_size).
+    pool_size: int | None = None
 
     state: bytes = b""
 
@@ -56,6 +58,24 @@ class LoadedSnapshot:
     @property
     def upper_template(self) -> Path:
         return self.dir / "child-upper.qcow2"
+
+    @property
+    def captured(self) -> bool:
+        """Made by BRANCH from a live child (``_branch``), not booted from a template."""
+        return bool(self.meta.get("captured"))
+
+    @property
+    def layers(self) -> list[tuple[Path, str]]:
+        """The read-only disk layers under a child's writable one, bottom first:
+        the image's empty base, the parent's layer, then one per BRANCH."""
+        return [
+            (Path(path), fmt) for path, fmt in self.meta.get("layers") or default_layers(self.image, self.dir)
+        ]
+
+
+def default_layers(image: VmImage, snap_dir: Path) -> list[list[str]]:
+    """A template snapshot's: the empty base image under the parent's layer."""
+    return [[str(image.upper), "raw"], [str(snap_dir / "upper.qcow2"), "qcow2"]]
 
 
 def read_json(path: Path) -> dict | None:

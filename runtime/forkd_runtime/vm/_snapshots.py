@@ -70,7 +70,7 @@ class SnapshotCatalog:
             if entry.name == keep or entry.name in self._snaps or not entry.name.startswith(f"{template}-"):
                 continue
             meta = read_json(entry / "meta.json")
-            if meta is None or meta.get("template") != template:
+            if meta is None or meta.get("template") != template or meta.get("captured"):
                 continue
             log.info("vm: removing stale snapshot %s", entry.name)
             await self.delete_snapshot(
@@ -106,7 +106,17 @@ class SnapshotCatalog:
 
     async def delete_snapshot(self, snapshot: Snapshot) -> None:
         """Delete a snapshot and its RAM file (its pool first; children restored
-        from it must be gone: they map the RAM file)."""
+        from it keep running: they hold the files open).
+
+        A BRANCH snapshot (``capture``) is refused with SnapshotInUse while a
+        live child was restored from it, another snapshot stacks on its disk
+        layer, or a live VM's disk does (its source, after the branch); a
+        template snapshot while BRANCH snapshots stack on it."""
+        meta = read_json(self.snap_root / snapshot.id / "meta.json") or snapshot.meta
+        if meta.get("captured"):
+            await self._delete_captured(snapshot)
+            return
+        self._check_not_stacked(snapshot)
         s = self._snaps.pop(snapshot.id, None)
         if s is not None:
             s.pool_target = 0

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from forkd._connection import Connection
-from forkd._transports import StreamTransport
 
 from .._backend import Limits
 from .._cgroups import Cgroup
 from .._network import NetHandle
+from ._channel import AgentChannel
 from ._qmp import Qmp
 from ._vm_limits import with_overhead
 
@@ -69,6 +69,17 @@ class VmProcess:
     net: NetHandle | None = None
     exited: asyncio.Future | None = None
     started: float = field(default_factory=time.monotonic)
+    channel: AgentChannel | None = None
+    # QEMU's end of the agent socketpair, as numbered inside QEMU.
+    agent_fd: int = -1
+    # Its writable disk: the qcow2 file QEMU writes now and the node that
+    # holds it, over the read-only layers below it (bottom first). A BRANCH
+    # freezes the top into a snapshot's layer and puts a new one over it.
+    top_file: Path | None = None
+    top_node: str = "upper"
+    layers: list[tuple[Path, str]] = field(default_factory=list)
+    branches: int = 0
+    branch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def pid(self) -> int:
@@ -124,6 +135,7 @@ class VmProcesses:
                     os.close(fd)
             shutil.rmtree(run, ignore_errors=True)
             raise
+        agent_fd = a_theirs.fileno()  # the same number in QEMU (pass_fds)
         q_theirs.close()
         a_theirs.close()
         (run / "pid").write_text(f"{proc.pid} {start_time(proc.pid)}\n")
@@ -133,6 +145,7 @@ class VmProcesses:
             id=vid, run=run, proc=proc, pidfd=pidfd, qmp=Qmp(vid), agent_sock=a_ours, state_w=state_w
         )
         vm.state_r = state_r
+        vm.agent_fd = agent_fd
         vm.exited = loop.create_future()
         loop.add_reader(pidfd, self._on_exit, vm)
         self._vms.add(vm)
@@ -152,10 +165,12 @@ class VmProcesses:
         if vm.exited is not None and not vm.exited.done():
             vm.exited.set_result(vm.proc.poll())
 
-    async def _connect_agent(self, vm: VmProcess) -> Connection:
+    async def _connect_agent(self, vm: VmProcess, resync: bool = False) -> Connection:
+        """The connection to the VM's agent. ``resync``: a child restored from a
+        BRANCH (see ``_channel``)."""
         vm.agent_sock.setblocking(False)
-        transport = await StreamTransport.from_socket(vm.agent_sock)
-        vm.conn = Connection(transport, name=vm.id)
+        vm.channel = await AgentChannel.from_socket(vm.agent_sock, resync=resync)
+        vm.conn = Connection(vm.channel, name=vm.id)
         vm.conn.start()
         return vm.conn
 
