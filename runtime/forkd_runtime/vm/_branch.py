@@ -509,15 +509,20 @@ class Branching:
     async def _delete_captured(self, snapshot: Snapshot) -> None:
         s = self._snaps.get(snapshot.id)
         d = self.snap_root / snapshot.id
+        standing: list[str] = []
         if s is not None:
             kids = [c.id for c in self._children.values() if c.snapshot.id == snapshot.id]
             if kids:
                 raise SnapshotInUse(f"snapshot {snapshot.id} has live sandboxes: {', '.join(sorted(kids))}")
             users = self._layer_users(d / "upper.qcow2", besides=s)
-            if users:
+            stacked = [u for u in users if u in self._snaps]
+            if stacked:
                 raise SnapshotInUse(
-                    f"snapshot {snapshot.id} holds a disk layer that {', '.join(sorted(users))} still use"
+                    f"snapshot {snapshot.id} has snapshots stacked on it: {', '.join(sorted(stacked))}"
                 )
+            # Live VMs standing on its disk layer (its source, the source's later
+            # branches) need that file only: the RAM file and the rest go now.
+            standing = users
             self._snaps.pop(snapshot.id, None)
             s.pool_target = 0
             if s.filling is not None:
@@ -525,7 +530,13 @@ class Branching:
             await asyncio.gather(*(self._destroy(vm) for vm in s.pool), return_exceptions=True)
             s.pool.clear()
         meta = read_json(d / "meta.json") or snapshot.meta
-        await asyncio.to_thread(shutil.rmtree, d, True)
+        if standing:
+            for name in ("state", "child-upper.qcow2", "meta.json"):
+                with contextlib.suppress(FileNotFoundError):
+                    (d / name).unlink()
+            self._loose_layers.add(d)
+        else:
+            await asyncio.to_thread(shutil.rmtree, d, True)
         if meta.get("memory_path"):
             with contextlib.suppress(FileNotFoundError):
                 Path(meta["memory_path"]).unlink()
