@@ -35,8 +35,9 @@ from ._methods import component, method
 
 __all__ = ["Branches", "LAYER_FD", "STATE_FD"]
 
-LAYER_FD = 4  # forkd_agent._zygote: the sandbox's writable layer, held open
-STATE_FD = 5  # forkd_agent._zygote: a branch child's snapshot directory
+# Set up by the zygote (_zygote.py) in every child it forks:
+LAYER_FD = 4  # the sandbox's writable layer, held open so the runtime can capture it
+STATE_FD = 5  # in a branch child: its snapshot's directory (saved code contexts)
 EXPORT_HOLD = 30.0
 WRITER_TIMEOUT = 300.0
 _STATUS_LIMIT = 1 << 20

@@ -33,6 +33,7 @@ import time
 from forkd import protocol as p
 
 from . import _linux as L
+from ._branch import LAYER_FD, STATE_FD
 from ._lazy import answer_until_needed, core_answer
 from ._server import Agent, serve_fd
 
@@ -49,8 +50,6 @@ LAYER_DIR = "/tmp/.forkd/layer"  # prepared by the launcher
 # Frozen layers captured from live sandboxes (BRANCH): the runtime writes them in
 # the zygote's run directory; a branch's children stack them over the template.
 SEEDS_DIR = "/opt/forkd/run/seeds"
-LAYER_FD = 4  # children keep their layer open here, so the runtime can capture it
-STATE_FD = 5  # a branch child's snapshot directory (saved code contexts), see _branch.py
 DEFAULT_DISK_MB = 1024
 LOWER_DIR = "/opt/forkd/lower"  # the template again, as the overlay's lower layer
 LIB_DIR = "/opt/forkd/lib"  # forkd's own code, read-only

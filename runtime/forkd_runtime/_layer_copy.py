@@ -55,12 +55,7 @@ def sync(src_dir_fd: int, dest: str, m: Manifest) -> Manifest:
     new = Manifest(taken_ns=time.time_ns())
     _walk(src_dir_fd, dest, "", new, m)
     for rel in m.entries.keys() - new.entries.keys():
-        path = os.path.join(dest, rel)
-        if os.path.lexists(path):
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.unlink(path)
+        _remove(os.path.join(dest, rel))  # a path under a directory removed first is gone already
     return new
 
 
