@@ -24,7 +24,9 @@ from test_vm_backend import run, upstream  # noqa: F401 (a fixture)
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 log = logging.getLogger("test_vm_branch")
 
-TICKER = "i=0; while true; do i=$((i+1)); echo $i; echo $i > /tmp/tick; sleep 0.1; done"
+# The count is renamed into place: a reader never sees the file empty, as it would between
+# a shell's truncate and write.
+TICKER = "i=0; while true; do i=$((i+1)); echo $i; echo $i > /tmp/tick.new; mv /tmp/tick.new /tmp/tick; sleep 0.1; done"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
