@@ -92,8 +92,11 @@ async def test_busy_dead_and_concurrent_branches(process_backend):
     await run_code(s1, "x = 1")
     await run_code(s2, "x = 2")
     # Code running in a context: the branch is refused, typed, and the sandbox is unharmed.
-    long_run = asyncio.ensure_future(run_code(s1, "import time; time.sleep(1.5); x = 10"))
-    await asyncio.sleep(0.3)
+    long_run = asyncio.ensure_future(
+        run_code(s1, "import time; open('/tmp/started', 'w').close(); time.sleep(1.5); x = 10")
+    )
+    while (await run(s1, "test -e /tmp/started")).exit_code != 0:
+        await asyncio.sleep(0.05)
     with pytest.raises(BranchBusy):
         await process_backend.capture(s1)
     assert (await long_run)["error"] is None
