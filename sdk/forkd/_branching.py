@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from . import protocol as p
-from ._client import get_client
-from ._config import ConnectionConfig, config_from
+from ._client import gateway_call
+from ._config import ConnectionConfig
 from ._exceptions import InvalidArgumentException, from_rpc_error
 from ._models import BranchReport, SandboxInfo, SnapshotInfo
+from ._paging import AsyncPages
 
 __all__ = [
     "AsyncSnapshotPaginator",
@@ -26,13 +27,6 @@ __all__ = [
 
 # The gateway's limit (E2B's own API allows 20 per fork).
 MAX_BRANCH_COUNT = 64
-
-
-async def _call(
-    method: str, params: dict, config: ConnectionConfig, request_timeout: float | None = None
-) -> Any:
-    client = await get_client(config)
-    return await client.call(method, params, config.get_request_timeout(request_timeout))
 
 
 def check_count(count: Any) -> int:
@@ -58,7 +52,7 @@ async def branch_call(
     params: dict[str, Any] = {"sandbox_id": sandbox_id, "count": check_count(count)}
     if timeout is not None:
         params["timeout"] = timeout
-    res = await _call("sandbox.branch", params, config)
+    res = await gateway_call("sandbox.branch", params, config)
     out: list[SandboxInfo | Exception] = []
     for entry in res.get("sandboxes") or []:
         error = entry.get("error") if isinstance(entry, dict) else None
@@ -73,14 +67,14 @@ async def create_snapshot_call(sandbox_id: str, name: str | None, config: Connec
     params: dict[str, Any] = {"sandbox_id": sandbox_id}
     if name:
         params["name"] = name
-    return SnapshotInfo._from_wire(await _call("snapshot.create", params, config))
+    return SnapshotInfo._from_wire(await gateway_call("snapshot.create", params, config))
 
 
 async def delete_snapshot_call(snapshot_id: str, config: ConnectionConfig) -> bool:
-    return bool(await _call("snapshot.delete", {"snapshot_id": snapshot_id}, config))
+    return bool(await gateway_call("snapshot.delete", {"snapshot_id": snapshot_id}, config))
 
 
-class AsyncSnapshotPaginator:
+class AsyncSnapshotPaginator(AsyncPages):
     """Pages of ``list_snapshots()``: ``while p.has_next: items = await p.next_items()``.
 
     Only your own snapshots, oldest first; ``sandbox_id`` keeps those taken from that
@@ -95,27 +89,13 @@ class AsyncSnapshotPaginator:
         name: str | None = None,
         **opts: Any,
     ) -> None:
+        super().__init__(next_token, opts)
         self.sandbox_id = sandbox_id
         self.limit = limit
         self.name = name
-        self._config = config_from(**opts)
-        self._has_next = True
-        self._next_token = next_token
-
-    @property
-    def has_next(self) -> bool:
-        """True while there may be more pages."""
-        return self._has_next
-
-    @property
-    def next_token(self) -> str | None:
-        """The cursor of the next page (None after the last)."""
-        return self._next_token
 
     async def next_items(self, **opts: Any) -> list[SnapshotInfo]:
         """The next page. Past the last page: ``Exception("No more items to fetch")``."""
-        if not self._has_next:
-            raise Exception("No more items to fetch")
         params: dict[str, Any] = {}
         if self.sandbox_id:
             params["sandbox_id"] = self.sandbox_id
@@ -123,10 +103,4 @@ class AsyncSnapshotPaginator:
             params["name"] = self.name
         if self.limit:
             params["limit"] = self.limit
-        if self._next_token:
-            params["next_token"] = self._next_token
-        config = self._config.with_options(**opts)
-        res = await _call("snapshot.list", params, config, opts.get("request_timeout"))
-        self._next_token = res.get("next_token") or None
-        self._has_next = bool(self._next_token)
-        return [SnapshotInfo._from_wire(d) for d in res.get("items") or []]
+        return [SnapshotInfo._from_wire(d) for d in await self._fetch("snapshot.list", params, opts)]

@@ -32,7 +32,7 @@ from ._exceptions import (
 )
 from ._transports import Transport, TransportClosed
 
-__all__ = ["Client", "get_client", "close_all", "map_error", "request_timeout_error"]
+__all__ = ["Client", "get_client", "gateway_call", "close_all", "map_error", "request_timeout_error"]
 
 log = logging.getLogger("forkd")
 
@@ -247,6 +247,14 @@ async def get_client(config: ConnectionConfig) -> Client:
     _clients.setdefault(loop, {})[key] = client
     fut.set_result(client)
     return client
+
+
+async def gateway_call(
+    method: str, params: dict, config: ConnectionConfig, request_timeout: float | None = None
+) -> Any:
+    """One request on the shared connection of ``config``'s gateway."""
+    client = await get_client(config)
+    return await client.call(method, params, config.get_request_timeout(request_timeout))
 
 
 async def _connect(config: ConnectionConfig) -> Client:

@@ -17,7 +17,7 @@ from ._branching import (
     create_snapshot_call,
     delete_snapshot_call,
 )
-from ._client import get_client
+from ._client import gateway_call
 from ._code import AsyncCode
 from ._code_models import Context, Execution
 from ._commands import AsyncCommands, AsyncPty
@@ -27,6 +27,7 @@ from ._exceptions import InvalidArgumentException, SandboxNotFoundException
 from ._files import AsyncFilesystem
 from ._link import Link
 from ._models import BranchReport, SandboxInfo, SandboxQuery, SandboxState, SnapshotInfo
+from ._paging import AsyncPages
 
 __all__ = ["AsyncSandbox", "AsyncSandboxPaginator", "DEFAULT_TEMPLATE", "DEFAULT_SANDBOX_TIMEOUT"]
 
@@ -34,14 +35,7 @@ DEFAULT_TEMPLATE = "base"
 DEFAULT_SANDBOX_TIMEOUT = 300
 
 
-async def _gateway(
-    method: str, params: dict, config: ConnectionConfig, request_timeout: float | None = None
-) -> Any:
-    client = await get_client(config)
-    return await client.call(method, params, config.get_request_timeout(request_timeout))
-
-
-class AsyncSandboxPaginator:
+class AsyncSandboxPaginator(AsyncPages):
     """Pages of ``AsyncSandbox.list()``: ``while p.has_next: items = await p.next_items()``."""
 
     def __init__(
@@ -54,23 +48,11 @@ class AsyncSandboxPaginator:
     ) -> None:
         if order is not None and order not in ("asc", "desc"):
             raise InvalidArgumentException(f"Invalid order {order!r}, expected 'asc' or 'desc'")
+        super().__init__(next_token, opts)
         self.query = query
         self.limit = limit
         self.order = order
         self._opts = opts
-        self._config = config_from(**opts)
-        self._has_next = True
-        self._next_token = next_token
-
-    @property
-    def has_next(self) -> bool:
-        """True while there may be more pages."""
-        return self._has_next
-
-    @property
-    def next_token(self) -> str | None:
-        """The cursor of the next page (None after the last)."""
-        return self._next_token
 
     def _params(self) -> dict:
         params: dict[str, Any] = {}
@@ -81,8 +63,6 @@ class AsyncSandboxPaginator:
             params["state"] = [SandboxState(s).value if not isinstance(s, str) else str(s) for s in q.state]
         if self.limit:
             params["limit"] = self.limit
-        if self._next_token:
-            params["next_token"] = self._next_token
         return params
 
     def _keep(self, info: SandboxInfo) -> bool:
@@ -99,10 +79,8 @@ class AsyncSandboxPaginator:
                 return False
         return True
 
-    def _page(self, res: dict) -> list[SandboxInfo]:
-        self._next_token = res.get("next_token") or None
-        self._has_next = bool(self._next_token)
-        items = [SandboxInfo._from_wire(d) for d in res.get("items") or []]
+    def _page(self, raw: list[dict]) -> list[SandboxInfo]:
+        items = [SandboxInfo._from_wire(d) for d in raw]
         items = [i for i in items if self._keep(i)]
         if self.order == "desc":
             items.sort(key=lambda i: i.started_at, reverse=True)
@@ -112,11 +90,7 @@ class AsyncSandboxPaginator:
 
     async def next_items(self, **opts: Any) -> list[SandboxInfo]:
         """The next page. Past the last page: ``Exception("No more items to fetch")``."""
-        if not self._has_next:
-            raise Exception("No more items to fetch")
-        config = self._config.with_options(**opts)
-        res = await _gateway("sandbox.list", self._params(), config, opts.get("request_timeout"))
-        return self._page(res)
+        return self._page(await self._fetch("sandbox.list", self._params(), opts))
 
 
 class AsyncSandbox:
@@ -236,7 +210,7 @@ class AsyncSandbox:
             params["allow_internet_access"] = allow_internet_access
         if secure is not None:
             params["secure"] = secure
-        info = SandboxInfo._from_wire(await _gateway("sandbox.create", params, config))
+        info = SandboxInfo._from_wire(await gateway_call("sandbox.create", params, config))
         return cls(info.sandbox_id, config, info)
 
     @classmethod
@@ -244,7 +218,7 @@ class AsyncSandbox:
         cls, sandbox_id: str, timeout: int | None = None, *, on_resume: str = "restore", **opts: Any
     ) -> Self:
         config = config_from(**opts)
-        res = await _gateway("sandbox.connect", {"sandbox_id": sandbox_id, "timeout": timeout}, config)
+        res = await gateway_call("sandbox.connect", {"sandbox_id": sandbox_id, "timeout": timeout}, config)
         return cls(sandbox_id, config, SandboxInfo._from_wire(res))
 
     @dual("_cls_connect")
@@ -255,22 +229,22 @@ class AsyncSandbox:
         timeout if it is longer than what is left.
         """
         config = self._config.with_options(**opts)
-        await _gateway("sandbox.connect", {"sandbox_id": self._sandbox_id, "timeout": timeout}, config)
+        await gateway_call("sandbox.connect", {"sandbox_id": self._sandbox_id, "timeout": timeout}, config)
         return self
 
     @classmethod
     async def _cls_kill(cls, sandbox_id: str, **opts: Any) -> bool:
-        return bool(await _gateway("sandbox.kill", {"sandbox_id": sandbox_id}, config_from(**opts)))
+        return bool(await gateway_call("sandbox.kill", {"sandbox_id": sandbox_id}, config_from(**opts)))
 
     @dual("_cls_kill")
     async def kill(self, **opts: Any) -> bool:
         """Kill the sandbox. False if it did not exist (anymore)."""
         config = self._config.with_options(**opts)
-        return bool(await _gateway("sandbox.kill", {"sandbox_id": self._sandbox_id}, config))
+        return bool(await gateway_call("sandbox.kill", {"sandbox_id": self._sandbox_id}, config))
 
     @classmethod
     async def _cls_set_timeout(cls, sandbox_id: str, timeout: int, **opts: Any) -> None:
-        await _gateway(
+        await gateway_call(
             "sandbox.set_timeout", {"sandbox_id": sandbox_id, "timeout": timeout}, config_from(**opts)
         )
 
@@ -278,12 +252,14 @@ class AsyncSandbox:
     async def set_timeout(self, timeout: int, **opts: Any) -> None:
         """Make the sandbox expire ``timeout`` seconds from now (shorter or longer than before)."""
         config = self._config.with_options(**opts)
-        await _gateway("sandbox.set_timeout", {"sandbox_id": self._sandbox_id, "timeout": timeout}, config)
+        await gateway_call(
+            "sandbox.set_timeout", {"sandbox_id": self._sandbox_id, "timeout": timeout}, config
+        )
 
     @classmethod
     async def _cls_get_info(cls, sandbox_id: str, **opts: Any) -> SandboxInfo:
         return SandboxInfo._from_wire(
-            await _gateway("sandbox.info", {"sandbox_id": sandbox_id}, config_from(**opts))
+            await gateway_call("sandbox.info", {"sandbox_id": sandbox_id}, config_from(**opts))
         )
 
     @dual("_cls_get_info")
@@ -291,13 +267,13 @@ class AsyncSandbox:
         """SandboxInfo of the sandbox. Missing: SandboxNotFoundException."""
         config = self._config.with_options(**opts)
         return SandboxInfo._from_wire(
-            await _gateway("sandbox.info", {"sandbox_id": self._sandbox_id}, config)
+            await gateway_call("sandbox.info", {"sandbox_id": self._sandbox_id}, config)
         )
 
     async def is_running(self, request_timeout: float | None = None) -> bool:
         """Whether the sandbox is still running."""
         try:
-            res = await _gateway(
+            res = await gateway_call(
                 "sandbox.info", {"sandbox_id": self._sandbox_id}, self._config, request_timeout
             )
         except SandboxNotFoundException:

@@ -31,6 +31,7 @@ from ._models import (
     SnapshotInfo,
     WriteInfo,
 )
+from ._paging import SyncPages
 from ._portal import run, run_calling_back
 from ._sandbox import AsyncSandbox, AsyncSandboxPaginator
 
@@ -411,7 +412,7 @@ class Filesystem:
         return handle
 
 
-class SandboxPaginator:
+class SandboxPaginator(SyncPages):
     """Pages of ``Sandbox.list()``: ``while p.has_next: items = p.next_items()``."""
 
     def __init__(
@@ -428,29 +429,11 @@ class SandboxPaginator:
             self._p = AsyncSandboxPaginator(query, limit, next_token, order, **opts)
 
     @property
-    def has_next(self) -> bool:
-        return self._p.has_next
-
-    @property
-    def next_token(self) -> str | None:
-        return self._p.next_token
-
-    @property
     def query(self) -> SandboxQuery | None:
         return self._p.query
 
-    @property
-    def limit(self) -> int | None:
-        return self._p.limit
 
-    def next_items(self, **opts: Any) -> list[SandboxInfo]:
-        """The next page. Past the last page: ``Exception("No more items to fetch")``."""
-        if not self._p.has_next:
-            raise Exception("No more items to fetch")
-        return run(self._p.next_items(**opts))
-
-
-class SnapshotPaginator:
+class SnapshotPaginator(SyncPages):
     """Pages of ``Sandbox.list_snapshots()``: ``while p.has_next: items = p.next_items()``."""
 
     def __init__(
@@ -467,30 +450,12 @@ class SnapshotPaginator:
             self._p = AsyncSnapshotPaginator(sandbox_id, limit, next_token, name, **opts)
 
     @property
-    def has_next(self) -> bool:
-        return self._p.has_next
-
-    @property
-    def next_token(self) -> str | None:
-        return self._p.next_token
-
-    @property
     def sandbox_id(self) -> str | None:
         return self._p.sandbox_id
 
     @property
     def name(self) -> str | None:
         return self._p.name
-
-    @property
-    def limit(self) -> int | None:
-        return self._p.limit
-
-    def next_items(self, **opts: Any) -> list[SnapshotInfo]:
-        """The next page. Past the last page: ``Exception("No more items to fetch")``."""
-        if not self._p.has_next:
-            raise Exception("No more items to fetch")
-        return run(self._p.next_items(**opts))
 
 
 class Sandbox:
