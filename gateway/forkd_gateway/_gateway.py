@@ -35,7 +35,7 @@ from ._branch import Branching
 from ._config import GatewayConfig
 from ._leases import Leases
 from ._metrics import Metrics
-from ._params import bad, decode_token, encode_token
+from ._params import bad, paginate
 from ._sandbox import RUNNING, Sandbox, ended_error
 from ._session import Session
 from ._snapshots import SnapshotRecord, Snapshots
@@ -50,7 +50,6 @@ _TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # E2B's template names, so that code written for E2B that names one explicitly runs unchanged.
 TEMPLATE_ALIASES = {"code-interpreter-v1": "code-interpreter"}
 _STATES = ("running", "paused")
-MAX_LIST_LIMIT = 1000
 
 
 def _not_found(sandbox_id: Any) -> p.RpcError:
@@ -356,27 +355,21 @@ class Gateway(Branching):
         unknown = set(states) - set(_STATES)
         if unknown:
             raise bad(f"unknown sandbox state(s) {sorted(unknown)}; known: {list(_STATES)}")
-        limit = 100 if limit is None else limit
-        if not 1 <= limit <= MAX_LIST_LIMIT:
-            raise bad(f"limit must be between 1 and {MAX_LIST_LIMIT}")
-        after = decode_token(next_token) if next_token else None
-        if "running" not in states:
-            return [], None  # forkd does not pause sandboxes: none is in any other state
         metadata = metadata or {}
-        matches = sorted(
+        # forkd does not pause sandboxes: none is in any state but running.
+        listed = self.sandboxes.values() if "running" in states else ()
+        return paginate(
             (
                 sb
-                for sb in self.sandboxes.values()
+                for sb in listed
                 if sb.owner == key_id
                 and sb.state == RUNNING
                 and all(sb.metadata.get(k) == v for k, v in metadata.items())
-                and (after is None or (sb.started_at, sb.id) > after)
             ),
-            key=lambda sb: (sb.started_at, sb.id),
+            lambda sb: (sb.started_at, sb.id),
+            limit,
+            next_token,
         )
-        page = matches[:limit]
-        token = encode_token(page[-1].started_at, page[-1].id) if len(matches) > limit else None
-        return page, token
 
     def sandbox_for_call(self, key_id: str, sandbox_id: Any) -> Sandbox:
         """The caller's running sandbox ``sandbox_id``, or the error a call into it gets."""

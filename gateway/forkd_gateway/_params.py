@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from forkd.protocol import ErrorCode, RpcError
 
@@ -19,7 +20,12 @@ __all__ = [
     "str_list",
     "encode_token",
     "decode_token",
+    "paginate",
+    "MAX_LIST_LIMIT",
 ]
+
+MAX_LIST_LIMIT = 1000
+T = TypeVar("T")
 
 _MISSING = object()
 
@@ -102,3 +108,19 @@ def decode_token(token: str) -> tuple[float, str]:
         return float(started), item_id
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise bad("bad next_token") from None
+
+
+def paginate(
+    items: Iterable[T], key: Callable[[T], tuple[float, str]], limit: int | None, next_token: str | None
+) -> tuple[list[T], str | None]:
+    """One page of a listing ordered by ``key`` (time, id): the items after
+    ``next_token``, at most ``limit`` (default 100), and the next page's token
+    (None on the last page)."""
+    limit = 100 if limit is None else limit
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise bad(f"limit must be between 1 and {MAX_LIST_LIMIT}")
+    after = decode_token(next_token) if next_token else None
+    matches = sorted((i for i in items if after is None or key(i) > after), key=key)
+    page = matches[:limit]
+    token = encode_token(*key(page[-1])) if len(matches) > limit else None
+    return page, token

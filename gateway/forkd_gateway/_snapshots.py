@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from forkd.protocol import ErrorCode, RpcError
 from forkd_runtime._backend import Snapshot, SnapshotInUse
 
-from ._params import bad, decode_token, encode_token
+from ._params import paginate
 
 if TYPE_CHECKING:
     from ._metrics import Metrics
@@ -45,7 +45,6 @@ _CAPTURE_PREFIX = "capture-"
 # Retries of an internal capture the backend still calls in use while the gateway counts nothing
 # on it: a child's kill settling, at most a few seconds.
 _RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
-MAX_LIST_LIMIT = 1000
 
 
 def conflict(message: str) -> RpcError:
@@ -193,11 +192,7 @@ class Snapshots:
         limit: int | None = 100,
         next_token: str | None = None,
     ) -> tuple[list[SnapshotRecord], str | None]:
-        limit = 100 if limit is None else limit
-        if not 1 <= limit <= MAX_LIST_LIMIT:
-            raise bad(f"limit must be between 1 and {MAX_LIST_LIMIT}")
-        after = decode_token(next_token) if next_token else None
-        matches = sorted(
+        return paginate(
             (
                 r
                 for r in self._records.values()
@@ -205,13 +200,11 @@ class Snapshots:
                 and not r.internal
                 and (sandbox_id is None or r.source_id == sandbox_id)
                 and (name is None or name == r.id or name in r.names)
-                and (after is None or (r.created_at, r.id) > after)
             ),
-            key=lambda r: (r.created_at, r.id),
+            lambda r: (r.created_at, r.id),
+            limit,
+            next_token,
         )
-        page = matches[:limit]
-        token = encode_token(page[-1].created_at, page[-1].id) if len(matches) > limit else None
-        return page, token
 
     # -- what depends on a record --
     def child_started(self, record: SnapshotRecord, sandbox_id: str) -> None:
