@@ -26,19 +26,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * (len(values) - 1) + 0.5))]
+from _gateway import TEMPLATES_DIR, local_gateway, pct
 
 
 def setup_code(memory_mb: int) -> str:
@@ -66,71 +58,54 @@ async def check_child(sbx, memory_mb: int, files_mb: int) -> None:
 
 async def run(args: argparse.Namespace) -> dict:
     from forkd import AsyncSandbox
-    from forkd_gateway._app import running_server
-    from forkd_gateway._config import GatewayConfig, PoolConfig
-    from forkd_gateway._gateway import Gateway
-    from forkd_runtime import TemplateStore, load_spec
+    from forkd_gateway._config import PoolConfig
     from forkd_runtime._backend import Limits
 
-    store = TemplateStore(args.templates_dir)
-    store.build(load_spec("base"), progress=(lambda m: None) if args.json else print)
-    with tempfile.TemporaryDirectory(prefix="forkd-bench-") as state:
-        config = GatewayConfig(
-            backend=args.backend,
-            state_dir=Path(state),
-            templates_dir=Path(args.templates_dir),
-            pools={"base": PoolConfig(min_ready=2, max_total=64)},
-            audit_log="",
-            limits=Limits(memory_mb=args.limit_mb),
-        )
-        gateway = Gateway(config)
-        await gateway.start()
-        try:
-            async with running_server(gateway, "127.0.0.1", 0) as url:
-                os.environ["FORKD_URL"] = url
-                opts = {"api_key": None}
+    async with local_gateway(
+        args.templates_dir,
+        args.json,
+        backend=args.backend,
+        pools={"base": PoolConfig(min_ready=2, max_total=64)},
+        limits=Limits(memory_mb=args.limit_mb),
+    ):
+        opts = {"api_key": None}
 
-                async def prepared():
-                    sbx = await AsyncSandbox.create(**opts)
-                    result = await sbx.run_code(setup_code(args.memory_mb), timeout=600)
-                    if result.error:
-                        raise RuntimeError(f"setup failed: {result.error}")
-                    await sbx.commands.run(files_cmd(args.files_mb), timeout=600)
-                    return sbx
+        async def prepared():
+            sbx = await AsyncSandbox.create(**opts)
+            result = await sbx.run_code(setup_code(args.memory_mb), timeout=600)
+            if result.error:
+                raise RuntimeError(f"setup failed: {result.error}")
+            await sbx.commands.run(files_cmd(args.files_mb), timeout=600)
+            return sbx
 
-                # Baseline: what a branch replaces.
-                rebuild = []
-                for _ in range(args.baseline_runs):
-                    t0 = time.perf_counter()
-                    sbx = await prepared()
-                    rebuild.append(time.perf_counter() - t0)
-                    await sbx.kill()
+        # Baseline: what a branch replaces.
+        rebuild = []
+        for _ in range(args.baseline_runs):
+            t0 = time.perf_counter()
+            sbx = await prepared()
+            rebuild.append(time.perf_counter() - t0)
+            await sbx.kill()
 
-                source = await prepared()
-                pause_ms, branch_ms = [], []
-                for _ in range(args.iterations):
-                    t0 = time.perf_counter()
-                    (kid,) = await source.branch(count=1)
-                    branch_ms.append((time.perf_counter() - t0) * 1000)
-                    pause_ms.append(source.last_branch_report.pause_ms)
-                    await check_child(kid, args.memory_mb, args.files_mb)
-                    await kid.kill()
+        source = await prepared()
+        pause_ms, branch_ms = [], []
+        for _ in range(args.iterations):
+            t0 = time.perf_counter()
+            (kid,) = await source.branch(count=1)
+            branch_ms.append((time.perf_counter() - t0) * 1000)
+            pause_ms.append(source.last_branch_report.pause_ms)
+            await check_child(kid, args.memory_mb, args.files_mb)
+            await kid.kill()
 
-                t0 = time.perf_counter()
-                kids = await source.branch(count=args.count)
-                ready_s = time.perf_counter() - t0
-                pause_ms.append(source.last_branch_report.pause_ms)
-                await asyncio.gather(*(check_child(k, args.memory_mb, args.files_mb) for k in kids))
-                not_inherited = source.last_branch_report.not_inherited
-                await asyncio.gather(*(k.kill() for k in kids))
-                # The source is unharmed.
-                await check_child(source, args.memory_mb, args.files_mb)
-                await source.kill()
-        finally:
-            if hasattr(gateway.backend, "keep_snapshots"):
-                # The state directory is temporary: so is the template's snapshot (its RAM file is in /dev/shm).
-                gateway.backend.keep_snapshots = False
-            await gateway.close()
+        t0 = time.perf_counter()
+        kids = await source.branch(count=args.count)
+        ready_s = time.perf_counter() - t0
+        pause_ms.append(source.last_branch_report.pause_ms)
+        await asyncio.gather(*(check_child(k, args.memory_mb, args.files_mb) for k in kids))
+        not_inherited = source.last_branch_report.not_inherited
+        await asyncio.gather(*(k.kill() for k in kids))
+        # The source is unharmed.
+        await check_child(source, args.memory_mb, args.files_mb)
+        await source.kill()
     rebuild_s = statistics.median(rebuild)
     return {
         "backend": args.backend,
@@ -158,9 +133,7 @@ def main() -> None:
     ap.add_argument("--files-mb", type=int, default=50)
     ap.add_argument("--limit-mb", type=int, default=1024, help="memory limit of each sandbox")
     ap.add_argument("--baseline-runs", type=int, default=3)
-    ap.add_argument(
-        "--templates-dir", default=os.environ.get("FORKD_TEST_TEMPLATES", str(ROOT / ".cache" / "templates"))
-    )
+    ap.add_argument("--templates-dir", default=TEMPLATES_DIR)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     result = asyncio.run(run(args))

@@ -21,105 +21,83 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * (len(values) - 1) + 0.5))]
+from _gateway import TEMPLATES_DIR, local_gateway, pct
 
 
 async def run(args: argparse.Namespace) -> dict:
     from forkd import AsyncSandbox
-    from forkd_gateway._app import running_server
-    from forkd_gateway._config import GatewayConfig, PoolConfig
-    from forkd_gateway._gateway import Gateway
-    from forkd_runtime import TemplateStore, load_spec
+    from forkd_gateway._config import PoolConfig
 
-    store = TemplateStore(args.templates_dir)
-    store.build(load_spec("base"), progress=(lambda m: None) if args.json else print)
-    with tempfile.TemporaryDirectory(prefix="forkd-bench-") as state:
-        config = GatewayConfig(
-            backend="process",
-            state_dir=Path(state),
-            templates_dir=Path(args.templates_dir),
-            pools={"base": PoolConfig(min_ready=args.pool, max_total=args.pool + 64)},
-            audit_log="",
-        )
-        gateway = Gateway(config)
-        await gateway.start()
-        try:
-            async with running_server(gateway, "127.0.0.1", 0) as url:
-                opts = {"api_key": None}
-                os.environ["FORKD_URL"] = url
-                # Warm the connection (one websocket per client, reused by every sandbox).
-                s = await AsyncSandbox.create(**opts)
-                await s.commands.run("true")
-                await s.kill()
+    async with local_gateway(
+        args.templates_dir,
+        args.json,
+        backend="process",
+        pools={"base": PoolConfig(min_ready=args.pool, max_total=args.pool + 64)},
+    ) as gateway:
+        opts = {"api_key": None}
+        # Warm the connection (one websocket per client, reused by every sandbox).
+        s = await AsyncSandbox.create(**opts)
+        await s.commands.run("true")
+        await s.kill()
 
-                create_ms, create_run_ms = [], []
-                for _ in range(args.iterations):
-                    t0 = time.perf_counter()
-                    sbx = await AsyncSandbox.create(**opts)
-                    t1 = time.perf_counter()
-                    await sbx.commands.run("true")
-                    t2 = time.perf_counter()
-                    create_ms.append((t1 - t0) * 1000)
-                    create_run_ms.append((t2 - t0) * 1000)
-                    await sbx.kill()
-                    if args.pace:
-                        await asyncio.sleep(args.pace)  # let the pool refill, as between real requests
+        create_ms, create_run_ms = [], []
+        for _ in range(args.iterations):
+            t0 = time.perf_counter()
+            sbx = await AsyncSandbox.create(**opts)
+            t1 = time.perf_counter()
+            await sbx.commands.run("true")
+            t2 = time.perf_counter()
+            create_ms.append((t1 - t0) * 1000)
+            create_run_ms.append((t2 - t0) * 1000)
+            await sbx.kill()
+            if args.pace:
+                await asyncio.sleep(args.pace)  # let the pool refill, as between real requests
 
-                sbx = await AsyncSandbox.create(**opts)
-                await sbx.eval("1+1")
-                eval_ms = []
-                for _ in range(args.iterations):
-                    t0 = time.perf_counter()
-                    assert await sbx.eval("1+1") == 2
-                    eval_ms.append((time.perf_counter() - t0) * 1000)
+        sbx = await AsyncSandbox.create(**opts)
+        await sbx.eval("1+1")
+        eval_ms = []
+        for _ in range(args.iterations):
+            t0 = time.perf_counter()
+            assert await sbx.eval("1+1") == 2
+            eval_ms.append((time.perf_counter() - t0) * 1000)
 
-                first_ms = []
-                for _ in range(20):
-                    got = asyncio.get_running_loop().create_future()
-                    t0 = time.perf_counter()
-                    h = await sbx.commands.run(
-                        "echo x; sleep 5",
-                        background=True,
-                        on_stdout=lambda _s, f=got: f.done() or f.set_result(time.perf_counter()),
-                    )
-                    first_ms.append((await got - t0) * 1000)
-                    await h.kill()
+        first_ms = []
+        for _ in range(20):
+            got = asyncio.get_running_loop().create_future()
+            t0 = time.perf_counter()
+            h = await sbx.commands.run(
+                "echo x; sleep 5",
+                background=True,
+                on_stdout=lambda _s, f=got: f.done() or f.set_result(time.perf_counter()),
+            )
+            first_ms.append((await got - t0) * 1000)
+            await h.kill()
 
-                n = args.stream_mb * 1024 * 1024
-                received = 0
+        n = args.stream_mb * 1024 * 1024
+        received = 0
 
-                def count(chunk: str) -> None:
-                    nonlocal received
-                    received += len(chunk)
+        def count(chunk: str) -> None:
+            nonlocal received
+            received += len(chunk)
 
-                t0 = time.perf_counter()
-                await sbx.commands.run(f"head -c {n} /dev/zero | tr '\\0' 'x'", on_stdout=count, timeout=600)
-                stream_s = time.perf_counter() - t0
-                if received != n:
-                    raise RuntimeError(f"received {received} of {n} bytes")
+        t0 = time.perf_counter()
+        await sbx.commands.run(f"head -c {n} /dev/zero | tr '\\0' 'x'", on_stdout=count, timeout=600)
+        stream_s = time.perf_counter() - t0
+        if received != n:
+            raise RuntimeError(f"received {received} of {n} bytes")
 
-                # Baseline: the agent's own round trip, no gateway, no SDK.
-                child = gateway.sandboxes[sbx.sandbox_id].child
-                ping_ms = []
-                for _ in range(args.iterations):
-                    t0 = time.perf_counter()
-                    await child.conn.request("ping")
-                    ping_ms.append((time.perf_counter() - t0) * 1000)
-                await sbx.kill()
-        finally:
-            await gateway.close()
+        # Baseline: the agent's own round trip, no gateway, no SDK.
+        child = gateway.sandboxes[sbx.sandbox_id].child
+        ping_ms = []
+        for _ in range(args.iterations):
+            t0 = time.perf_counter()
+            await child.conn.request("ping")
+            ping_ms.append((time.perf_counter() - t0) * 1000)
+        await sbx.kill()
     return {
         "iterations": args.iterations,
         "create_run_p50_ms": round(statistics.median(create_run_ms), 2),
@@ -139,9 +117,7 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=16, help="warm pool size (min_ready)")
     ap.add_argument("--pace", type=float, default=0.0, help="seconds between create iterations")
     ap.add_argument("--stream-mb", type=int, default=200)
-    ap.add_argument(
-        "--templates-dir", default=os.environ.get("FORKD_TEST_TEMPLATES", str(ROOT / ".cache" / "templates"))
-    )
+    ap.add_argument("--templates-dir", default=TEMPLATES_DIR)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     result = asyncio.run(run(args))
