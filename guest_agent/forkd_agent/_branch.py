@@ -102,6 +102,14 @@ def _read_status(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.Future:
     return fut
 
 
+async def _last_event(job: Job) -> tuple:
+    """Wait out a job whose output is not wanted: ("done", payload) or ("dead",)."""
+    event = await job.next()
+    while event[0] not in ("done", "dead"):
+        event = await job.next()
+    return event
+
+
 @component("branches")
 class Branches:
     def __init__(self, agent: Any) -> None:
@@ -161,9 +169,7 @@ class Branches:
                 jobs.append((entry, job))
             fork_s = 0.0
             for entry, job in jobs:
-                event = await job.next()
-                while event[0] not in ("done", "dead"):
-                    event = await job.next()
+                event = await _last_event(job)
                 if event[0] == "dead" or event[1].get("error"):
                     why = "its kernel died" if event[0] == "dead" else event[1]["error"]
                     entry["file"], entry["error"] = None, str(why)
@@ -231,9 +237,7 @@ class Branches:
             jobs.append((ctx, item, job))
         for ctx, item, job in jobs:
             try:
-                event = await job.next()
-                while event[0] not in ("done", "dead"):
-                    event = await job.next()
+                event = await _last_event(job)
             finally:
                 ctx.job = None
                 ctx.lock.release()

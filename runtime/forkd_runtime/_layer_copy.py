@@ -83,7 +83,7 @@ def _open(name: str, dir_fd: int, flags: int) -> int | None:
     except (FileNotFoundError, NotADirectoryError):
         return None  # gone since the listing
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP: it became a symlink since the listing
+        if exc.errno == errno.ELOOP:  # it became a symlink since the listing
             return None
         raise
 
