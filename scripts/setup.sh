@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the runtime and tests use (installed only when missing).
-APT_PACKAGES=(util-linux iproute2 procps mmdebstrap ca-certificates nftables qemu-system-x86 qemu-utils busybox-static e2fsprogs)
+APT_PACKAGES=(util-linux gcc iproute2 procps mmdebstrap ca-certificates nftables qemu-system-x86 qemu-utils busybox-static e2fsprogs)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -52,26 +52,17 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def answer_until_needed(
-    fd: int, answer: Callable[[p.Request], Any], *, wait_on_eof: bool = False
+    fd: int, answer: Callable[[p.Request], Any], *, wait_on_eof: bool = False, initial: bytes = b""
 ) -> bytes | None:
     """Serve requests on the blocking ``fd`` with ``answer(request) -> result``
     (raising RpcError for an error reply, HandOver for the full agent); return
     the unanswered bytes, from the first frame needing the full agent on.
+    ``initial``: bytes already read from ``fd`` (by the native ping loop).
 
     End of stream returns None, or with ``wait_on_eof`` (a virtio-serial port,
     whose reads return at once while the host end is not connected) waits."""
-    raw = bytearray()
+    raw = bytearray(initial)
     while True:
-        try:
-            data = os.read(fd, 65536)
-        except InterruptedError:
-            continue
-        if not data:
-            if not wait_on_eof:
-                return None
-            time.sleep(0.05)  # not spinning while nobody is connected
-            continue
-        raw += data
         while len(raw) >= _LEN:
             size = int.from_bytes(raw[:_LEN], "big")
             if size > p.MAX_FRAME_SIZE:
@@ -92,3 +83,13 @@ def answer_until_needed(
                 reply = p.Response(msg.id, exc, None)
             write_all(fd, p.frame(p.encode(reply)))
             del raw[: _LEN + size]
+        try:
+            data = os.read(fd, 65536)
+        except InterruptedError:
+            continue
+        if not data:
+            if not wait_on_eof:
+                return None
+            time.sleep(0.05)  # not spinning while nobody is connected
+            continue
+        raw += data

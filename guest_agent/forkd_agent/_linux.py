@@ -174,6 +174,11 @@ class SeccompProgram:
         self._prog = _SockFprog(len(bpf) // 8, ctypes.cast(self._buf, ctypes.c_void_p))
         self._ptr = ctypes.cast(ctypes.pointer(self._prog), ctypes.c_void_p)
 
+    @property
+    def address(self) -> int:
+        """Of its ``struct sock_fprog``: for code that installs it without ctypes."""
+        return self._ptr.value
+
     def install(self) -> None:
         prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, self._ptr)
 

@@ -50,6 +50,7 @@ from ._backend import (
 )
 from ._cgroups import Cgroup, Cgroups, detect
 from ._layer_copy import copy_files, precopy, sync
+from ._native_build import build as native_build
 from ._network import NetHandle, NetworkManager
 from ._seccomp import filter_file
 from ._state import state_dir, take_state_lock
@@ -78,15 +79,17 @@ CGROUP_STOCK = 128  # covers a burst the size of the spawn benchmark
 
 def _copy_lib(dest_root: Path) -> Path:
     """A private, content-addressed copy of forkd's guest-side code for zygotes:
-    editing the source tree never changes what a running zygote imports."""
+    editing the source tree never changes what a running zygote imports. The
+    native fork path is compiled into it (without, zygotes fork from Python)."""
     files = []
     for pkg in (forkd, forkd_agent):
         base = Path(pkg.__file__).parent
-        for f in sorted(base.rglob("*.py")):
+        for f in sorted([*base.rglob("*.py"), *base.rglob("*.c")]):
             files.append((pkg.__name__, f.relative_to(base), f.read_bytes()))
     digest = hashlib.sha256()
     for name, rel, data in files:
         digest.update(f"{name}/{rel}\0".encode() + data)
+    digest.update(os.environ.get("FORKD_NATIVE_FORK", "1").encode())
     dest = dest_root / digest.hexdigest()[:16]
     if not dest.is_dir():
         tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
@@ -94,6 +97,8 @@ def _copy_lib(dest_root: Path) -> Path:
             target = tmp / name / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
+        core = tmp / "forkd_agent" / "_forkcore.c"
+        native_build(core, core.with_suffix(".so"))
         os.rename(tmp, dest)
     return dest
 

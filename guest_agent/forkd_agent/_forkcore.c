@@ -1,0 +1,360 @@
+/* The zygote's fork path, in C.
+ *
+ * Why C: after a fork every page either process writes is copied, and on a
+ * virtualised host each of those faults costs microseconds. Python writes
+ * reference counts everywhere it goes, so the Python version of this path
+ * copied ~100 pages in the zygote and ~330 in each child per sandbox: most of
+ * a sandbox's start-up CPU. This file does the same steps touching only its
+ * own stack and the buffers the zygote prepared (docs/process-backend.md,
+ * "Native fork path").
+ *
+ * Freestanding (raw system calls, no libc): the zygote loads it into the
+ * template's own interpreter, whose C library may differ from the host's that
+ * compiled it. Loaded with ctypes.PyDLL: the GIL stays held across the call,
+ * so a child that returns into Python finds the interpreter as it was.
+ *
+ * fk_fork() forks one child per fk_child. In the zygote it returns 0 with each
+ * entry's pid/fd/err filled. A child sets up its sandbox, then answers `ping`
+ * requests on its channel from here; on the first other frame it returns
+ * index + 1 to Python with the unanswered bytes in plan->pending, and Python
+ * starts the agent with them. A child whose setup fails reports on fd 2 and
+ * exits 71; one whose channel closes exits 0.
+ */
+
+typedef unsigned long u64;
+typedef long i64;
+
+#if defined(__x86_64__)
+enum {
+    NR_read = 0, NR_write = 1, NR_open = 2, NR_close = 3, NR_socket = 41, NR_socketpair = 53,
+    NR_clone = 56, NR_exit_group = 231, NR_ioctl = 16, NR_dup2 = 33, NR_chdir = 80,
+    NR_mkdir = 83, NR_mount = 165, NR_umount2 = 166, NR_pivot_root = 155, NR_sethostname = 170,
+    NR_prctl = 157, NR_setns = 308, NR_close_range = 436, NR_clock_gettime = 228,
+};
+
+static i64 sys6(i64 n, i64 a, i64 b, i64 c, i64 d, i64 e, i64 f) {
+    i64 ret;
+    register i64 r10 __asm__("r10") = d;
+    register i64 r8 __asm__("r8") = e;
+    register i64 r9 __asm__("r9") = f;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+#else
+#error "forkd's native fork path supports x86_64 only (the zygote falls back to Python elsewhere)"
+#endif
+
+#define S1(n, a) sys6(n, (i64)(a), 0, 0, 0, 0, 0)
+#define S2(n, a, b) sys6(n, (i64)(a), (i64)(b), 0, 0, 0, 0)
+#define S3(n, a, b, c) sys6(n, (i64)(a), (i64)(b), (i64)(c), 0, 0, 0)
+#define S5(n, a, b, c, d, e) sys6(n, (i64)(a), (i64)(b), (i64)(c), (i64)(d), (i64)(e), 0)
+
+#define AF_UNIX 1
+#define AF_INET 2
+#define SOCK_STREAM 1
+#define SOCK_DGRAM 2
+#define SOCK_CLOEXEC 02000000
+#define O_WRONLY 01
+#define O_CREAT 0100
+#define O_TRUNC 01000
+#define O_DIRECTORY 0200000
+#define O_NOFOLLOW 0400000
+#define O_CLOEXEC 02000000
+#define O_PATH 010000000
+#define SIGCHLD 17
+#define CLONE_NEWNET 0x40000000
+#define MNT_DETACH 2
+#define PR_SET_NO_NEW_PRIVS 38
+#define PR_SET_SECCOMP 22
+#define SECCOMP_MODE_FILTER 2
+#define SIOCGIFFLAGS 0x8913
+#define SIOCSIFFLAGS 0x8914
+#define IFF_UP 1
+#define CLOCK_REALTIME 0
+#define EINTR 4
+
+#define CHANNEL_FD 3
+#define MAX_MOUNTS 8
+#define BUF 65536
+
+struct fk_mount {
+    const char *source, *target, *fstype;
+    u64 flags;
+    const char *data;
+};
+
+/* Built once by the zygote (forkd_agent._native.NativePlan); field order is the ctypes mirror's. */
+struct fk_plan {
+    u64 ns_flags;
+    i64 home_netns;       /* the zygote's own network namespace, to return to */
+    i64 layer_fd;         /* where a child keeps its writable layer open */
+    i64 state_fd;         /* where a branch child keeps its saved state open */
+    struct fk_mount private_root;
+    const char *layer;
+    u64 layer_flags;
+    const char *subdirs[3];
+    const char *root;
+    i64 n_mounts;
+    struct fk_mount mounts[MAX_MOUNTS];
+    void *seccomp;        /* struct sock_fprog *, or 0 */
+    char *pending;        /* a child's unanswered bytes on hand-over ... */
+    i64 pending_len;      /* ... and how many */
+};
+
+/* One per child, filled by the zygote per request. */
+struct fk_child {
+    const char *id;
+    const char *hostname;
+    i64 hostname_len;
+    const char *tmpfs_opts;
+    const char *overlay_opts;
+    const char *state_path; /* 0: not a branch child */
+    const char *resolv;     /* 0: keep the template's */
+    i64 resolv_len;
+    i64 netns;              /* a pooled namespace (closed here), or -1: a fresh one */
+    i64 pid;                /* out */
+    i64 fd;                 /* out: the runtime's end of the child's channel */
+    i64 err;                /* out: errno of a failure in the zygote */
+};
+
+/* The compiler may emit calls to these for initialisers and copies; there is no libc to supply them. */
+__attribute__((visibility("hidden"))) void *memset(void *d, int v, unsigned long n) {
+    unsigned char *p = d;
+    while (n--) *p++ = (unsigned char)v;
+    return d;
+}
+
+__attribute__((visibility("hidden"))) void *memcpy(void *d, const void *s, unsigned long n) {
+    unsigned char *p = d;
+    const unsigned char *q = s;
+    while (n--) *p++ = *q++;
+    return d;
+}
+
+__attribute__((visibility("hidden"))) void *memmove(void *d, const void *s, unsigned long n) {
+    unsigned char *p = d;
+    const unsigned char *q = s;
+    if (p < q)
+        while (n--) *p++ = *q++;
+    else
+        while (n--) p[n] = q[n];
+    return d;
+}
+
+static i64 slen(const char *s) {
+    i64 n = 0;
+    while (s[n]) n++;
+    return n;
+}
+
+static void put(int fd, const char *s) { S3(NR_write, fd, s, slen(s)); }
+
+static void put_num(int fd, i64 v) {
+    char b[24];
+    int i = 23;
+    int neg = v < 0;
+    u64 u = neg ? (u64)-v : (u64)v;
+    b[i] = 0;
+    do {
+        b[--i] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (neg) b[--i] = '-';
+    put(fd, b + i);
+}
+
+static void die(const struct fk_child *c, const char *step, i64 ret) {
+    put(2, "forkd child ");
+    put(2, c->id);
+    put(2, ": setup failed: ");
+    put(2, step);
+    put(2, ": errno ");
+    put_num(2, -ret);
+    put(2, "\n");
+    S1(NR_exit_group, 71);
+    for (;;) {}
+}
+
+#define CHECK(expr, step)                  \
+    do {                                   \
+        i64 r_ = (expr);                   \
+        if (r_ < 0) die(c, step, r_);      \
+    } while (0)
+
+static int mount_one(const struct fk_mount *m) {
+    return (int)S5(NR_mount, m->source, m->target, m->fstype, m->flags, m->data);
+}
+
+static void move_fd(const struct fk_child *c, i64 fd, i64 want, const char *step) {
+    if (fd == want) return;
+    CHECK(S2(NR_dup2, fd, want), step);
+    S1(NR_close, fd);
+}
+
+static void loopback_up(const struct fk_child *c) {
+    char ifr[40] = {'l', 'o'};
+    i64 s = S3(NR_socket, AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    CHECK(s, "socket for lo");
+    CHECK(S3(NR_ioctl, s, SIOCGIFFLAGS, ifr), "get lo flags");
+    *(unsigned short *)(ifr + 16) |= IFF_UP;
+    CHECK(S3(NR_ioctl, s, SIOCSIFFLAGS, ifr), "bring lo up");
+    S1(NR_close, s);
+}
+
+/* Mirror of forkd_agent._zygote._setup_sandbox: keep the two in step. */
+static void setup(struct fk_plan *pl, const struct fk_child *c) {
+    CHECK(mount_one(&pl->private_root), "make / private");
+    CHECK(S5(NR_mount, "tmpfs", pl->layer, "tmpfs", pl->layer_flags, c->tmpfs_opts), "mount the writable layer");
+    i64 fd = S3(NR_open, pl->layer, O_PATH | O_DIRECTORY, 0);
+    CHECK(fd, "open the writable layer");
+    move_fd(c, fd, pl->layer_fd, "keep the writable layer");
+    for (int i = 0; i < 3; i++) CHECK(S2(NR_mkdir, pl->subdirs[i], 0755), "make layer directories");
+    CHECK(S5(NR_mount, "overlay", pl->root, "overlay", 0, c->overlay_opts), "mount the root overlay");
+    if (c->state_path) {
+        fd = S3(NR_open, c->state_path, O_PATH | O_DIRECTORY | O_NOFOLLOW, 0);
+        CHECK(fd, "open the branch state");
+        move_fd(c, fd, pl->state_fd, "keep the branch state");
+    }
+    for (i64 i = 0; i < pl->n_mounts; i++) CHECK(mount_one(&pl->mounts[i]), pl->mounts[i].target);
+    CHECK(S1(NR_chdir, pl->root), "enter the new root");
+    /* Stack the new root over the old one and detach the old: no path leads back. */
+    CHECK(S2(NR_pivot_root, ".", "."), "pivot_root");
+    CHECK(S2(NR_umount2, ".", MNT_DETACH), "detach the old root");
+    CHECK(S1(NR_chdir, "/"), "chdir /");
+    CHECK(S2(NR_sethostname, c->hostname, c->hostname_len), "sethostname");
+    if (c->netns < 0) loopback_up(c); /* pooled namespaces come with lo up */
+    if (c->resolv) {
+        fd = S3(NR_open, "/etc/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        CHECK(fd, "open /etc/resolv.conf");
+        CHECK(S3(NR_write, fd, c->resolv, c->resolv_len), "write /etc/resolv.conf");
+        S1(NR_close, fd);
+    }
+    /* The zygote's log is a host file: a sandbox must not reach it through /proc/1/fd. */
+    S2(NR_dup2, 0, 1);
+    S2(NR_dup2, 0, 2);
+    CHECK(S5(NR_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs");
+    if (pl->seccomp) CHECK(S5(NR_prctl, PR_SET_SECCOMP, SECCOMP_MODE_FILTER, pl->seccomp, 0, 0), "seccomp");
+}
+
+/* ---- the ping loop: forkd.protocol frames (4-byte big-endian length + msgpack) ---- */
+
+static int write_all(const char *p, i64 n) {
+    while (n > 0) {
+        i64 w = S3(NR_write, CHANNEL_FD, p, n);
+        if (w == -EINTR) continue;
+        if (w <= 0) return -1;
+        p += w;
+        n -= w;
+    }
+    return 0;
+}
+
+/* The msgpack encoding of a request id (a non-negative integer) at b: its length, or 0. */
+static int id_len(const unsigned char *b, i64 avail) {
+    if (avail < 1) return 0;
+    int n = b[0] <= 0x7f ? 1 : b[0] == 0xcc ? 2 : b[0] == 0xcd ? 3 : b[0] == 0xce ? 5 : b[0] == 0xcf ? 9 : 0;
+    return n <= avail ? n : 0;
+}
+
+/* Answer the frame if it is [REQUEST, id, "ping", params]; 0 if it is something else. */
+static int answer_ping(const unsigned char *body, i64 size) {
+    if (size < 3 || body[0] != 0x94 || body[1] != 0x00) return 0;
+    int il = id_len(body + 2, size - 2);
+    if (!il) return 0;
+    const unsigned char *m = body + 2 + il;
+    if (size - 2 - il < 6 || m[0] != 0xa4 || m[1] != 'p' || m[2] != 'i' || m[3] != 'n' || m[4] != 'g') return 0;
+    struct { i64 sec, nsec; } ts;
+    S2(NR_clock_gettime, CLOCK_REALTIME, &ts);
+    union { double d; u64 u; } t = {.d = (double)ts.sec + (double)ts.nsec / 1e9};
+    /* [RESPONSE, id, nil, {"pong": true, "time": <float64>}] */
+    unsigned char out[4 + 3 + 9 + 1 + 1 + 5 + 1 + 5 + 9];
+    int k = 4;
+    out[k++] = 0x94;
+    out[k++] = 0x01;
+    for (int i = 0; i < il; i++) out[k++] = body[2 + i];
+    out[k++] = 0xc0;
+    out[k++] = 0x82;
+    out[k++] = 0xa4, out[k++] = 'p', out[k++] = 'o', out[k++] = 'n', out[k++] = 'g';
+    out[k++] = 0xc3;
+    out[k++] = 0xa4, out[k++] = 't', out[k++] = 'i', out[k++] = 'm', out[k++] = 'e';
+    out[k++] = 0xcb;
+    for (int i = 7; i >= 0; i--) out[k++] = (unsigned char)(t.u >> (8 * i));
+    u64 len = (u64)(k - 4);
+    out[0] = 0, out[1] = 0, out[2] = (unsigned char)(len >> 8), out[3] = (unsigned char)len;
+    return write_all((const char *)out, k) == 0 ? 1 : -1;
+}
+
+/* Serve pings until another frame arrives; leave the unanswered bytes in plan->pending. */
+static void serve_pings(struct fk_plan *pl) {
+    unsigned char *buf = (unsigned char *)pl->pending;
+    i64 have = 0;
+    for (;;) {
+        while (have >= 4) {
+            i64 size = ((i64)buf[0] << 24) | ((i64)buf[1] << 16) | ((i64)buf[2] << 8) | buf[3];
+            if (size > BUF - 4) goto hand_over; /* the agent judges it */
+            if (have < 4 + size) break;
+            int r = answer_ping(buf + 4, size);
+            if (r < 0) S1(NR_exit_group, 0); /* the runtime went away */
+            if (r == 0) goto hand_over;
+            have -= 4 + size;
+            for (i64 i = 0; i < have; i++) buf[i] = buf[4 + size + i];
+        }
+        if (have == BUF) goto hand_over;
+        i64 n = S3(NR_read, CHANNEL_FD, buf + have, BUF - have);
+        if (n == -EINTR) continue;
+        if (n <= 0) S1(NR_exit_group, 0); /* the runtime closed the channel */
+        have += n;
+    }
+hand_over:
+    pl->pending_len = have;
+}
+
+/* pending must hold BUF bytes. */
+__attribute__((visibility("default"))) i64 fk_fork(struct fk_plan *pl, struct fk_child *kids, i64 n) {
+    for (i64 i = 0; i < n; i++) {
+        struct fk_child *c = &kids[i];
+        int sv[2];
+        c->pid = -1;
+        c->fd = -1;
+        c->err = 0;
+        i64 r = S5(NR_socketpair, AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv, 0);
+        if (r < 0) {
+            c->err = -r;
+            if (c->netns >= 0) S1(NR_close, c->netns);
+            continue;
+        }
+        u64 flags = pl->ns_flags | SIGCHLD;
+        if (c->netns >= 0) {
+            r = S2(NR_setns, c->netns, CLONE_NEWNET); /* the child inherits whatever we are in */
+            if (r < 0) flags |= CLONE_NEWNET;
+        } else {
+            flags |= CLONE_NEWNET;
+        }
+        i64 pid = S5(NR_clone, flags, 0, 0, 0, 0);
+        if (pid == 0) {
+            if (flags & CLONE_NEWNET) c->netns = -1;
+            S1(NR_close, sv[0]);
+            move_fd(c, sv[1], CHANNEL_FD, "channel");
+            S3(NR_close_range, CHANNEL_FD + 1, ~0U, 0);
+            setup(pl, c);
+            serve_pings(pl);
+            return i + 1;
+        }
+        if (c->netns >= 0) {
+            S2(NR_setns, pl->home_netns, CLONE_NEWNET);
+            S1(NR_close, c->netns);
+        }
+        S1(NR_close, sv[1]);
+        if (pid < 0) {
+            S1(NR_close, sv[0]);
+            c->err = -pid;
+            continue;
+        }
+        c->pid = pid;
+        c->fd = sv[0];
+    }
+    return 0;
+}

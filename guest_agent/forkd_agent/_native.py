@@ -1,0 +1,120 @@
+"""The zygote's native fork path (``_forkcore.c``): loading it and feeding it.
+
+The runtime compiles ``_forkcore.c`` next to this file when it copies forkd's
+code for a zygote (``forkd_runtime._native_build``); without a compiler there
+is no ``_forkcore.so`` and the zygote forks from Python instead.
+
+Everything a child's setup passes to the kernel is built here once, as C
+structures whose byte strings this object keeps alive; per request only the
+children's own strings are made.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+LIBRARY = Path(__file__).with_name("_forkcore.so")
+MAX_MOUNTS = 8
+PENDING = 65536  # _forkcore.c BUF
+
+i64 = ctypes.c_long
+u64 = ctypes.c_ulong
+cstr = ctypes.c_char_p
+
+
+class Mount(ctypes.Structure):
+    _fields_ = [("source", cstr), ("target", cstr), ("fstype", cstr), ("flags", u64), ("data", cstr)]
+
+
+class Plan(ctypes.Structure):
+    _fields_ = [
+        ("ns_flags", u64),
+        ("home_netns", i64),
+        ("layer_fd", i64),
+        ("state_fd", i64),
+        ("private_root", Mount),
+        ("layer", cstr),
+        ("layer_flags", u64),
+        ("subdirs", cstr * 3),
+        ("root", cstr),
+        ("n_mounts", i64),
+        ("mounts", Mount * MAX_MOUNTS),
+        ("seccomp", ctypes.c_void_p),
+        ("pending", ctypes.c_void_p),
+        ("pending_len", i64),
+    ]
+
+
+class Child(ctypes.Structure):
+    _fields_ = [
+        ("id", cstr),
+        ("hostname", cstr),
+        ("hostname_len", i64),
+        ("tmpfs_opts", cstr),
+        ("overlay_opts", cstr),
+        ("state_path", cstr),
+        ("resolv", cstr),
+        ("resolv_len", i64),
+        ("netns", i64),
+        ("pid", i64),
+        ("fd", i64),
+        ("err", i64),
+    ]
+
+
+def load() -> ctypes.PyDLL | None:
+    """The compiled fork path, or None (not built for this zygote: see
+    ``forkd_runtime._native_build``)."""
+    if not LIBRARY.exists():
+        return None
+    # PyDLL: the GIL stays held, so a child returning into Python from inside
+    # the call finds the interpreter exactly as the zygote left it.
+    lib = ctypes.PyDLL(str(LIBRARY))
+    lib.fk_fork.restype = i64
+    lib.fk_fork.argtypes = [ctypes.POINTER(Plan), ctypes.POINTER(Child), i64]
+    return lib
+
+
+def _mount(args: tuple) -> Mount:
+    source, target, fstype, flags, data = args
+    return Mount(source, target, fstype, flags.value, data)
+
+
+class NativeForker:
+    """``fork(children)`` through ``_forkcore.c``; see ``forkd_agent._zygote``."""
+
+    def __init__(self, lib: ctypes.PyDLL, plan, ns_flags: int, home_netns: int, layer_fd: int, state_fd: int):
+        self._lib = lib
+        self._pending = ctypes.create_string_buffer(PENDING)
+        c = Plan()
+        c.ns_flags = ns_flags
+        c.home_netns = home_netns
+        c.layer_fd = layer_fd
+        c.state_fd = state_fd
+        c.private_root = _mount(plan.private)
+        c.layer = plan.layer
+        c.layer_flags = plan.layer_flags.value
+        strings = [d.encode() for d in plan.subdirs] + [plan.root.encode()]
+        c.subdirs = (cstr * 3)(*strings[:3])
+        c.root = strings[3]
+        if len(plan.mounts) > MAX_MOUNTS:
+            raise ValueError("too many mounts for the native fork path")
+        c.n_mounts = len(plan.mounts)
+        for i, args in enumerate(plan.mounts):
+            c.mounts[i] = _mount(args)
+        c.seccomp = plan.seccomp.address if plan.seccomp is not None else None
+        c.pending = ctypes.addressof(self._pending)
+        self._plan = c
+        self._keep = (plan, strings)  # the byte strings the structure points into
+
+    def fork(self, children: ctypes.Array, n: int) -> int:
+        """Fork the first ``n`` of ``children``: 0 in the zygote; index + 1 in a
+        child handed over to Python."""
+        if not 0 <= n <= len(children):
+            raise ValueError("more children than entries")
+        return self._lib.fk_fork(ctypes.byref(self._plan), children, n)
+
+    def pending(self) -> bytes:
+        """In a handed-over child: the bytes its ping loop did not answer."""
+        return self._pending.raw[: self._plan.pending_len]
