@@ -6,6 +6,8 @@
   accepted.
 - ``GET /health``: JSON status (200 when serving, 503 otherwise).
 - ``GET /metrics``: Prometheus text format.
+- Any request or websocket whose Host is ``{port}-{sandbox_id}.<domain>``: proxied to that sandbox's port
+  (``_proxy``).
 
 Frames above ``MAX_FRAME_SIZE`` get a typed ``protocol_error`` and the connection carries on; messages above
 ``WS_MAX_SIZE`` (a hard cap on what the server buffers) close the connection (1009).
@@ -19,6 +21,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -30,6 +33,7 @@ from forkd._transports import TransportClosed
 from ._auth import check_bind, key_from_request
 from ._gateway import Gateway
 from ._metrics import CONTENT_TYPE
+from ._proxy import PortProxy
 
 __all__ = ["create_app", "AsgiWebSocketTransport", "running_server", "uvicorn_config", "WS_MAX_SIZE"]
 
@@ -133,7 +137,8 @@ def create_app(gateway: Gateway, *, manage: bool = True) -> Starlette:
         Route("/health", health),
         Route("/metrics", metrics),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    # Sandbox ports ({port}-{sandbox_id}.<domain>) are recognised by their Host header before any route.
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(PortProxy, gateway=gateway)])
 
 
 async def _deny(ws: WebSocket, status: int, message: str) -> None:

@@ -70,6 +70,12 @@ class Metrics:
         self.errors = Counter(
             "forkd_errors", "Error responses sent to clients, by code", ["code"], registry=r
         )
+        self.port_requests = Counter(
+            "forkd_port_requests",
+            "HTTP requests and websockets proxied to sandbox ports, by kind (http, websocket) and outcome",
+            ["kind", "outcome"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,4 +2,14 @@
 
 
 def load_features() -> None:
-    from . import _branch, _contexts, _files, _identity, _process_methods, _process_table, _server, _watch  # noqa: F401
+    from . import (  # noqa: F401
+        _branch,
+        _contexts,
+        _files,
+        _identity,
+        _ports,
+        _process_methods,
+        _process_table,
+        _server,
+        _watch,
+    )

@@ -3,11 +3,13 @@
 E2B programs pass E2B's connection options (``api_key``, ``request_timeout``,
 ``domain``, ``debug``, ...) to almost every call. They are all accepted here, so
 changing the import line is the only change such a program needs; the ones that
-mean nothing to forkd (``domain``, ``proxy``, ``headers``...) are kept but unused.
+mean nothing to forkd (``proxy``, ``headers``...) are kept but unused. ``domain``
+is where ``get_host`` points (see ``sandbox_domain``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -61,7 +63,9 @@ class ApiParams(TypedDict, total=False):
     logger: Any
 
 
-_OWN = ("url", "api_key", "request_timeout", "transport_factory", "heartbeat_interval", "heartbeat_timeout")
+_OWN = (
+    "url", "api_key", "request_timeout", "transport_factory", "heartbeat_interval", "heartbeat_timeout", "domain",
+)  # fmt: skip
 
 
 class ConnectionConfig:
@@ -74,6 +78,8 @@ class ConnectionConfig:
       (in-process gateways, tests). Connections are shared per factory.
     - ``heartbeat_interval`` / ``heartbeat_timeout``: ping after this much silence
       (default 10 s); the connection is dead after ``heartbeat_timeout`` (20 s) without a frame.
+    - ``domain``: ``FORKD_DOMAIN``, else the gateway's ``host:port`` (``localhost:<port>`` for a
+      loopback gateway); ``get_host(port)`` is ``{port}-{sandbox_id}.{domain}``.
     """
 
     envd_port = 49983  # E2B's class attribute; some programs read it
@@ -106,7 +112,8 @@ class ConnectionConfig:
         self.transport_factory = transport_factory
         self.heartbeat_interval = heartbeat_interval or HEARTBEAT_INTERVAL
         self.heartbeat_timeout = heartbeat_timeout or HEARTBEAT_TIMEOUT
-        self.domain = domain or urlsplit(_as_http(self.url)).netloc
+        self._domain = domain or os.environ.get("FORKD_DOMAIN") or None
+        self.domain = self._domain or sandbox_domain(self.url)
         self.debug = bool(debug)
         self.api_url = api_url
         self.sandbox_url = sandbox_url
@@ -129,6 +136,7 @@ class ConnectionConfig:
             "transport_factory": self.transport_factory,
             "heartbeat_interval": self.heartbeat_interval,
             "heartbeat_timeout": self.heartbeat_timeout,
+            "domain": self._domain,
         }
         params.update({k: v for k, v in opts.items() if v is not None})
         return params
@@ -145,7 +153,7 @@ class ConnectionConfig:
         return (self.transport_factory or self.url, self.api_key)
 
     def get_host(self, sandbox_id: str, port: int) -> str:
-        """E2B's ``{port}-{sandbox_id}.{domain}`` with the gateway as the domain."""
+        """E2B's ``{port}-{sandbox_id}.{domain}``: the gateway proxies requests with that Host to ``port``."""
         return f"{port}-{sandbox_id}.{self.domain}"
 
     def __repr__(self) -> str:
@@ -165,6 +173,25 @@ def _timeout(default: float | None, value: float | None) -> float | None:
     if value is not None:
         return float(value)
     return default
+
+
+def sandbox_domain(url: str) -> str:
+    """The domain of sandbox hosts for a gateway at ``url``: its ``host:port``, except that a loopback
+    gateway is ``localhost:<port>``, because ``*.localhost`` resolves to loopback in curl and browsers
+    (not in glibc: a Python client connects to the gateway and sends the host as its Host header)."""
+    parts = urlsplit(_as_http(url))
+    host = parts.hostname or ""
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        return parts.netloc.rpartition("@")[2]
+    return f"localhost:{port}" if port else "localhost"
 
 
 def _as_http(url: str) -> str:
