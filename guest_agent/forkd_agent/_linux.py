@@ -251,3 +251,36 @@ def set_loopback_up() -> None:
         ifreq = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, ifreq))[1]
         fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+MADV_HUGEPAGE = 14
+MADV_COLLAPSE = 25  # Linux 6.1
+HUGE = 1 << 21
+
+
+def collapse_anonymous_memory() -> int:
+    """Back this process's private anonymous memory with 2 MiB pages where it can
+    (MADV_COLLAPSE, Linux ≥ 6.1); returns the bytes asked for.
+
+    A fork copies one entry per 2 MiB page instead of 512: for a zygote whose
+    warm heap is tens of MiB that is most of the cost of each fork. A page the
+    zygote or a child later writes is split back into small ones, so this pays
+    only in a process that writes little between forks."""
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    total = 0
+    with open("/proc/self/maps") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        fields = line.split()
+        if not fields[1].startswith("rw") or fields[1][3] != "p":
+            continue
+        if len(fields) > 5 and fields[5] != "[heap]":
+            continue  # file mappings and stacks stay as they are
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        lo, hi = (lo + HUGE - 1) & ~(HUGE - 1), hi & ~(HUGE - 1)
+        if hi <= lo:
+            continue
+        if madvise(lo, hi - lo, MADV_HUGEPAGE) == 0 and madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
+            total += hi - lo
+    return total

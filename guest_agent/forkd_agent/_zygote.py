@@ -126,6 +126,8 @@ class Zygote:
         # Every mapped anonymous page costs page-table copying in each fork:
         # hand free heap back to the kernel first.
         L.libc.malloc_trim(0)
+        if self.native is not None:  # the Python path writes too much between forks for this to pay
+            L.collapse_anonymous_memory()
         # Children are reaped by the kernel: their status matters to nobody (the
         # runtime watches each child's channel), and zombies must not pile up.
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
