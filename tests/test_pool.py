@@ -260,3 +260,31 @@ async def test_cancelled_take_leaves_no_orphan(process_backend):
         assert (s.spawning, s.in_use, s.spawned_total) == (0, 0, 1)
     finally:
         await pool.close()
+
+
+async def test_refills_run_at_idle_priority_and_handed_out_children_do_not(process_backend):
+    pool = await _pool(process_backend, min_ready=1, max_total=3)
+    await pool.start()
+    try:
+        [ready] = pool._ready.values()
+        # Forked and warmed for a refill: only ever runs on CPU time nobody else wants.
+        assert os.sched_getscheduler(ready.pid) == os.SCHED_IDLE
+
+        child = await pool.take()
+        assert child is ready
+        assert os.sched_getscheduler(child.pid) == os.SCHED_OTHER
+        assert os.getpriority(os.PRIO_PROCESS, child.pid) == 0
+        # What the sandbox starts from now on inherits its normal priority.
+        out = child.conn.open_inbound()
+        await child.conn.request("exec.start", {"cmd": "ps -o cls=,ni= -p $$", "stream": out.id})
+        printed = b"".join([data async for _fd, _off, data in out])
+        assert printed.split() == [b"TS", b"0"]
+
+        # A fork someone waits for (not a refill) is not idle either, even before any activate().
+        [direct] = await process_backend.spawn(pool.snapshot, 1)
+        try:
+            assert os.sched_getscheduler(direct.pid) == os.SCHED_OTHER
+        finally:
+            await process_backend.kill(direct)
+    finally:
+        await pool.close()

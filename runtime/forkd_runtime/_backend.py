@@ -8,6 +8,7 @@ namespaces) and the microVM backend (QEMU restore) both fit behind it.
 from __future__ import annotations
 
 import abc
+import contextvars
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,12 @@ __all__ = [
     "BranchError",
     "BranchBusy",
     "SnapshotInUse",
+    "refilling",
 ]
+
+# True inside a warm pool's refill (its spawn and the tasks that spawn starts): nobody
+# waits for these children, so a backend may make them at the lowest CPU priority.
+refilling: contextvars.ContextVar[bool] = contextvars.ContextVar("forkd_pool_refilling", default=False)
 
 
 class SpawnError(Exception):

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 
 from forkd.protocol import ErrorCode, RpcError
 
-from ._backend import Backend, Child, Snapshot, SpawnOptions
+from ._backend import Backend, Child, Snapshot, SpawnOptions, refilling
 
 __all__ = ["WarmPool", "PoolStats", "PoolBusy"]
 
@@ -415,6 +415,7 @@ class WarmPool:
     async def _refill_batch(self, k: int) -> bool:
         """Fork and warm ``k`` children into the ready set; False if any failed."""
         self._spawning_refill += k
+        token = refilling.set(True)
         try:
             try:
                 children = await self.backend.spawn(self.snapshot, k, self.options)
@@ -437,6 +438,7 @@ class WarmPool:
                 self._ready[child.id] = child
             return lost == 0
         finally:
+            refilling.reset(token)
             self._spawning_refill -= k
             self._notify()
 
