@@ -14,7 +14,9 @@ no-new-privileges, seccomp, identity, then it serves the agent protocol on its
 end of a socketpair whose other end goes back to the runtime.
 
 Control protocol: forkd.protocol frames over a SOCK_SEQPACKET socket, one frame
-per packet; the ``fork`` response carries the children's channel fds (SCM_RIGHTS).
+per packet; the children's channel fds travel with them (SCM_RIGHTS). A ``fork``
+with ``chunk`` reports each chunk as a ``forked`` notification as soon as it is
+forked, then answers; without, its response carries them all.
 """
 
 from __future__ import annotations
@@ -177,7 +179,20 @@ class Zygote:
                 "netns_target": self.netns.target,
             }, []
         if method == "fork":
-            return self.fork_children(params.get("children") or [])
+            specs = params.get("children") or []
+            chunk = params.get("chunk")
+            if not isinstance(chunk, int) or chunk <= 0:
+                return self.fork_children(specs)
+            # Chunk by chunk, each reported at once: the runtime admits one chunk's
+            # children while this forks the next, and this never waits for it.
+            for i in range(0, len(specs), chunk):
+                result, fds = self.fork_children(specs[i : i + chunk])
+                try:
+                    socket.send_fds(self.control, [p.encode(p.Notification("forked", result))], fds)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+            return {"children": [], "errors": []}, []
         raise p.RpcError(p.ErrorCode.UNKNOWN_METHOD, f"zygote: unknown method {method!r}")
 
     def fork_children(self, specs: list) -> tuple[dict, list[int]]:
@@ -192,15 +207,7 @@ class Zygote:
                 continue
             done.append({"id": spec["id"], "pid": pid})
             fds.append(fd)
-        timing = {k: round(v * 1000, 3) for k, v in TIMING.items()}
-        for k in TIMING:
-            TIMING[k] = 0.0
-        return {
-            "children": done,
-            "errors": errors,
-            "timing_ms": timing,
-            "netns_ready": len(self.netns.ready),
-        }, fds
+        return self.fork_result(done, errors), fds
 
     def fork_native(self, specs: list) -> tuple[dict, list[int]]:
         """The whole request in one call into ``_forkcore.c``: all the Python work
@@ -229,15 +236,13 @@ class Zygote:
             else:
                 done.append({"id": spec["id"], "pid": kid.pid})
                 fds.append(kid.fd)
+        return self.fork_result(done, errors), fds
+
+    def fork_result(self, done: list[dict], errors: list[dict]) -> dict:
         timing = {k: round(v * 1000, 3) for k, v in TIMING.items()}
         for k in TIMING:
             TIMING[k] = 0.0
-        return {
-            "children": done,
-            "errors": errors,
-            "timing_ms": timing,
-            "netns_ready": len(self.netns.ready),
-        }, fds
+        return {"children": done, "errors": errors, "timing_ms": timing, "netns_ready": len(self.netns.ready)}
 
     def native_child(self, spec: dict, kid: NativeChild) -> None:
         """Fill ``kid`` from ``spec`` (checked as ``fork_one`` checks it)."""

@@ -51,19 +51,15 @@ class Cgroup:
         return sorted(out)
 
     def kill(self) -> None:
-        """SIGKILL everything inside (cgroup.kill on v2; a freeze-kill loop on v1)."""
+        """SIGKILL everything inside now (cgroup.kill on v2; each task on v1, where
+        a task forking meanwhile escapes this pass: ``kill_and_remove`` repeats it)."""
         if self.owner.version == 2:
             with contextlib.suppress(OSError):
                 _write(self.dirs[0] / "cgroup.kill", "1")
                 return
-        for _ in range(50):
-            pids = self.pids()
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.002)
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def remove(self) -> bool:
         """Remove the cgroup once empty; False if something is still inside."""
@@ -108,9 +104,10 @@ class Cgroup:
                 raise CgroupError(f"cgroup {self.name} did not become {value} within {timeout} s")
             await asyncio.sleep(0.0005)
 
-    async def kill_and_remove(self, timeout: float = 1.0, interval: float = 0.005) -> bool:
+    async def kill_and_remove(self, timeout: float = 1.0, interval: float = 0.002) -> bool:
         """Kill what is inside and remove the cgroup, retrying while the kernel is
-        still tearing its tasks down. False if it is still there after ``timeout``."""
+        still tearing its tasks down. False if it is still there after ``timeout``.
+        Waits without blocking: the gateway's relays run on the same loop."""
         deadline = time.monotonic() + timeout
         while True:
             self.kill()

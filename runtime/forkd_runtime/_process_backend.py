@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,20 @@ def _remove_made_cgroup(made: asyncio.Future) -> None:
         made.result().remove()
 
 
+NoticeHandler = Callable[[dict, list[int]], None]
+
+
+def _place(moves: list[tuple[Cgroup, int]]) -> dict[int, str]:
+    """Move each pid into its cgroup; what failed, by pid."""
+    failed = {}
+    for cgroup, pid in moves:
+        try:
+            cgroup.add(pid)
+        except OSError as exc:
+            failed[pid] = str(exc)
+    return failed
+
+
 class Zygote:
     """The runtime's handle on one zygote process."""
 
@@ -150,23 +165,29 @@ class Zygote:
             return
         self.background = background
 
-    async def request(self, method: str, params: dict, timeout: float = 30) -> tuple[dict, list[int]]:
+    async def request(
+        self, method: str, params: dict, timeout: float = 30, on_notice: NoticeHandler | None = None
+    ) -> tuple[dict, list[int]]:
+        """One request; ``on_notice(params, fds)`` takes the notifications the
+        zygote sends before its answer (a fork's children, chunk by chunk)."""
         if method != "fork" or refilling.get():
             async with self.lock:
-                return await self._exchange(method, params, timeout)
+                return await self._exchange(method, params, timeout, on_notice)
         # Raised before queueing for the lock: a refill's fork holding it then finishes at
         # normal priority too, instead of keeping the waiting caller behind SCHED_IDLE.
         self._waited_for += 1
         self.set_background(False)
         try:
             async with self.lock:
-                return await self._exchange(method, params, timeout)
+                return await self._exchange(method, params, timeout, on_notice)
         finally:
             self._waited_for -= 1
             if not self._waited_for:
                 self.set_background(True)
 
-    async def _exchange(self, method: str, params: dict, timeout: float) -> tuple[dict, list[int]]:
+    async def _exchange(
+        self, method: str, params: dict, timeout: float, on_notice: NoticeHandler | None
+    ) -> tuple[dict, list[int]]:
         rid = next(self.ids)
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(self.sock, p.encode(p.Request(rid, method, params)))
@@ -181,6 +202,9 @@ class Zygote:
                         os.close(fd)
                     raise SpawnError(f"zygote: {msg.error.message}")
                 return msg.result, fds
+            if isinstance(msg, p.Notification) and on_notice is not None:
+                on_notice(msg.params, fds)  # owns the fds now
+                continue
             for fd in fds:
                 os.close(fd)
 
@@ -410,31 +434,42 @@ class ProcessBackend(Backend):
             z = self._zygotes[snapshot.template]
         pings: list[asyncio.Task] = []
         errors: list[str] = []
-        remaining = n
-        while remaining > 0:
-            k = min(CHUNK, remaining)
-            remaining -= k
-            specs = []
-            for _ in range(k):
-                cid = f"sbx-{uuid.uuid4().hex[:16]}"
-                specs.append(
-                    {
-                        "id": cid,
-                        "hostname": cid,
-                        "sandbox_id": cid,
-                        "entropy": os.urandom(32),
-                        "disk_mb": options.limits.disk_mb,
-                        "resolv_conf": resolv_conf,
-                        "seeds": snapshot.meta.get("seeds", []),
-                        "state": snapshot.meta.get("state"),
-                    }
-                )
-            result, fds = await z.request("fork", {"children": specs})
+        specs = []
+        for _ in range(n):
+            cid = f"sbx-{uuid.uuid4().hex[:16]}"
+            specs.append(
+                {
+                    "id": cid,
+                    "hostname": cid,
+                    "sandbox_id": cid,
+                    "entropy": os.urandom(32),
+                    "disk_mb": options.limits.disk_mb,
+                    "resolv_conf": resolv_conf,
+                    "seeds": snapshot.meta.get("seeds", []),
+                    "state": snapshot.meta.get("state"),
+                }
+            )
+
+        def forked(result: dict, fds: list[int]) -> None:
+            # Admitted while the zygote forks the next chunk: neither waits for the other.
             errors.extend(f"{e['id']}: {e['error']}" for e in result.get("errors", []))
-            for info, fd in zip(result["children"], fds, strict=True):
-                pings.append(
-                    asyncio.ensure_future(self._admit(snapshot, info["id"], info["pid"], fd, options))
-                )
+            kids = list(zip(result.get("children", []), fds, strict=False))
+            for fd in fds[len(kids) :]:
+                os.close(fd)
+            if not kids:
+                return
+            # Limits before a child is handed out (nothing but our agent has run in it yet).
+            # One thread for the chunk: moving a task between cgroups can wait ~10 ms for
+            # the kernel (an RCU grace period), which must not stall every sandbox's relays.
+            cgroups = [self._take_cgroup(options.limits) for _ in kids]
+            moves = [(cg, info["pid"]) for cg, (info, _fd) in zip(cgroups, kids, strict=True)]
+            placed = asyncio.ensure_future(asyncio.to_thread(_place, moves))
+            for (info, fd), cg in zip(kids, cgroups, strict=True):
+                admit = self._admit(snapshot, info["id"], info["pid"], fd, options, cg, placed)
+                pings.append(asyncio.ensure_future(admit))
+
+        result, fds = await z.request("fork", {"children": specs, "chunk": CHUNK}, on_notice=forked)
+        forked(result, fds)  # a zygote that answers in one piece
         outcomes = await asyncio.gather(*pings, return_exceptions=True)
         children = [c for c in outcomes if isinstance(c, Child)]
         errors.extend(str(e) for e in outcomes if isinstance(e, BaseException))
@@ -445,32 +480,41 @@ class ProcessBackend(Backend):
             raise SpawnError(f"no child started: {errors[0] if errors else 'unknown error'}")
         return children
 
-    async def _admit(self, snapshot: Snapshot, cid: str, pid: int, fd: int, options: SpawnOptions) -> Child:
+    async def _admit(
+        self,
+        snapshot: Snapshot,
+        cid: str,
+        pid: int,
+        fd: int,
+        options: SpawnOptions,
+        cgroup: Cgroup,
+        placed: asyncio.Future[dict[int, str]],
+    ) -> Child:
+        """Take a forked child in: its channel, pidfd and cgroup (``placed`` moves it
+        there), then its first ping."""
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:  # died in its set-up and already reaped
             sock.close()
+            await asyncio.shield(placed)
+            cgroup.remove()
             raise SpawnError(f"{cid}: exited during set-up (the zygote's log says why)") from None
-        cgroup = None
-        handle = _Handle(cgroup=None, pidfd=pidfd)
+        handle = _Handle(cgroup=cgroup, pidfd=pidfd)
         transport = await StreamTransport.from_socket(sock)
         conn = Connection(transport, name=cid)
         child = Child(id=cid, snapshot=snapshot, pid=pid, conn=conn, options=options, handle=handle)
         self._children[cid] = child
         try:
-            # Limits before the child is handed out: nothing but our agent has run in it yet.
-            cgroup = self._take_cgroup(options.limits)
-            handle.cgroup = cgroup
-            # In a thread: moving a task between cgroups can wait ~10 ms for the kernel
-            # (an RCU grace period), which must not stall every sandbox's relays.
-            await asyncio.to_thread(cgroup.add, pid)
             if options.internet:
                 handle.net = await self.net.attach(pid, pidfd=pidfd)
             conn.start()
             conn.add_close_callback(lambda _c: self._on_channel_closed(child))
             await conn.request("ping", {}, timeout=30)
+            unplaced = (await asyncio.shield(placed)).get(pid)
+            if unplaced:
+                raise SpawnError(f"cannot place it in its cgroup: {unplaced}")
             contexts = snapshot.meta.get("contexts")
             if contexts:  # a branch: its source's code contexts
                 restored = await conn.request("branch.restore", {"contexts": contexts}, timeout=300)
