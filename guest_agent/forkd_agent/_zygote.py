@@ -14,9 +14,9 @@ no-new-privileges, seccomp, identity, then it serves the agent protocol on its
 end of a socketpair whose other end goes back to the runtime.
 
 Control protocol: forkd.protocol frames over a SOCK_SEQPACKET socket, one frame
-per packet; the children's channel fds travel with them (SCM_RIGHTS). A ``fork``
-with ``chunk`` reports each chunk as a ``forked`` notification as soon as it is
-forked, then answers; without, its response carries them all.
+per packet. A ``fork`` reports each ``chunk`` of children as a ``forked``
+notification as soon as it is forked, their channel fds attached (SCM_RIGHTS),
+then answers.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ LIB_DIR = "/opt/forkd/lib"  # forkd's own code, read-only
 CHILD_DEV = "/tmp/.forkd/dev"  # prepared by the launcher
 MAX_PACKET = 1 << 20
 NETNS_POOL = 128
+DEFAULT_CHUNK = 16  # children per ``forked`` notification
 # Top up the pool only after this long without a request: a burst of fork
 # requests must not pay for namespaces made between its chunks.
 IDLE_BEFORE_REFILL_S = 0.05
@@ -180,9 +181,9 @@ class Zygote:
             }, []
         if method == "fork":
             specs = params.get("children") or []
-            chunk = params.get("chunk")
+            chunk = params.get("chunk", DEFAULT_CHUNK)
             if not isinstance(chunk, int) or chunk <= 0:
-                return self.fork_children(specs)
+                raise p.RpcError(p.ErrorCode.INVALID_ARGUMENT, f"zygote: bad chunk {chunk!r}")
             # Chunk by chunk, each reported at once: the runtime admits one chunk's
             # children while this forks the next, and this never waits for it.
             for i in range(0, len(specs), chunk):

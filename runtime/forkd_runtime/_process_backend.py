@@ -468,8 +468,9 @@ class ProcessBackend(Backend):
                 admit = self._admit(snapshot, info["id"], info["pid"], fd, options, cg, placed)
                 pings.append(asyncio.ensure_future(admit))
 
-        result, fds = await z.request("fork", {"children": specs, "chunk": CHUNK}, on_notice=forked)
-        forked(result, fds)  # a zygote that answers in one piece
+        _done, fds = await z.request("fork", {"children": specs, "chunk": CHUNK}, on_notice=forked)
+        for fd in fds:  # the children came with the notifications
+            os.close(fd)
         outcomes = await asyncio.gather(*pings, return_exceptions=True)
         children = [c for c in outcomes if isinstance(c, Child)]
         errors.extend(str(e) for e in outcomes if isinstance(e, BaseException))
