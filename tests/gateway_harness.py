@@ -9,6 +9,7 @@ from pathlib import Path
 from forkd._connection import Connection
 from forkd._transports import memory_pair
 from forkd_gateway._config import GatewayConfig, PoolConfig
+from forkd_gateway._gateway import Gateway
 
 
 def make_config(template_store, state_dir, **kw) -> GatewayConfig:
@@ -20,6 +21,17 @@ def make_config(template_store, state_dir, **kw) -> GatewayConfig:
         templates_dir=template_store.root.parent,
         **kw,
     )
+
+
+@contextlib.asynccontextmanager
+async def started_gateway(template_store, state_dir, **kw):
+    """A started Gateway on ``make_config(...)``, closed (sandboxes killed) on exit."""
+    gateway = Gateway(make_config(template_store, state_dir, **kw))
+    await gateway.start()
+    try:
+        yield gateway
+    finally:
+        await gateway.close()
 
 
 class Client:

@@ -5,7 +5,7 @@ import asyncio
 import msgpack
 import pytest
 import pytest_asyncio
-from gateway_harness import Client, make_config
+from gateway_harness import Client, make_config, started_gateway
 
 from forkd import protocol as p
 from forkd._transports import memory_pair
@@ -17,10 +17,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def gw(template_store, tmp_path_factory):
-    gateway = Gateway(make_config(template_store, tmp_path_factory.mktemp("gw") / "state"))
-    await gateway.start()
-    yield gateway
-    await gateway.close()
+    async with started_gateway(template_store, tmp_path_factory.mktemp("gw") / "state") as gateway:
+        yield gateway
 
 
 class Raw:

@@ -6,20 +6,17 @@ import os
 
 import pytest
 import pytest_asyncio
-from gateway_harness import Client, eventually, make_config
+from gateway_harness import Client, eventually, started_gateway
 
 from forkd.protocol import ErrorCode, RpcError
-from forkd_gateway._gateway import Gateway
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def gw(template_store, tmp_path_factory):
-    gateway = Gateway(make_config(template_store, tmp_path_factory.mktemp("gw") / "state"))
-    await gateway.start()
-    yield gateway
-    await gateway.close()
+    async with started_gateway(template_store, tmp_path_factory.mktemp("gw") / "state") as gateway:
+        yield gateway
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -11,13 +11,12 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import pytest_asyncio
-from gateway_harness import make_config
+from gateway_harness import started_gateway
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from forkd import AsyncSandbox
 from forkd_gateway._app import running_server
-from forkd_gateway._gateway import Gateway
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -160,13 +159,10 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def gw(template_store, tmp_path_factory):
-    cfg = make_config(template_store, tmp_path_factory.mktemp("proxy") / "state")
-    gateway = Gateway(cfg)
-    await gateway.start()
-    async with running_server(gateway, "127.0.0.1", 0) as url:
-        async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as http:
-            yield gateway, url, http
-    await gateway.close()
+    async with started_gateway(template_store, tmp_path_factory.mktemp("proxy") / "state") as gateway:
+        async with running_server(gateway, "127.0.0.1", 0) as url:
+            async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as http:
+                yield gateway, url, http
 
 
 async def new_sandbox(url: str) -> AsyncSandbox:
