@@ -80,13 +80,15 @@ def baseline(rootfs: Path, n: int, parallel: int) -> float:
     return asyncio.run(run())
 
 
-async def measure_spawn(backend, snap, n: int, pss_of) -> dict:
-    """Spawn ``n`` children of ``snap``, time them, weigh them (``pss_of(pid)`` KiB), kill them."""
+async def measure_spawn(backend, snap, n: int, pss_of, settle=None) -> dict:
+    """Spawn ``n`` children of ``snap``, time them, weigh them (``pss_of(pid)`` KiB), kill them.
+    ``settle(kids)``: awaited before the kill; the figures it returns are added."""
     t0 = time.monotonic()
     kids = await backend.spawn(snap, n)
     ready_s = time.monotonic() - t0
     per_child = sorted((k.ready_at - t0) * 1000 for k in kids)
     pss = [pss_of(k.pid) for k in kids]
+    extra = await settle(kids) if settle is not None else {}
     t1 = time.monotonic()
     await asyncio.gather(*(backend.kill(k) for k in kids))
     teardown_s = time.monotonic() - t1
@@ -97,6 +99,7 @@ async def measure_spawn(backend, snap, n: int, pss_of) -> dict:
         "per_child_ms_p90": round(per_child[int(0.9 * (len(per_child) - 1))], 2),
         "pss_mib_per_child": round(statistics.mean(pss) / 1024, 3),
         "teardown_s": round(teardown_s, 4),
+        **extra,
     }
 
 
@@ -116,12 +119,50 @@ async def spawn_process(store: TemplateStore, template: str, n: int) -> dict:
             await backend.close()
 
 
-async def spawn_vm(store: TemplateStore, template: str, n: int, cold_boots: int) -> dict:
+# --ksm: the host's ksmd for the run (restored after it), fast enough to settle 100 children in ~15 s.
+KSMD_BENCH = {"pages_to_scan": 5000, "sleep_millisecs": 20, "use_zero_pages": 1}
+
+
+async def ksm_settle(kids, timeout: float, cpu0: float | None) -> dict:
+    """Wait until ksmd has merged what it will (PSS flat for 3 s after at least
+    3 full scans, or ``timeout``); PSS per child then, and ksmd's CPU."""
+    from forkd_runtime.vm._ksm import KSM_SYSFS, ksmd_cpu_s, process_stat
+
+    def full_scans() -> int:
+        return int((KSM_SYSFS / "full_scans").read_text())
+
+    t0, scans0, history = time.monotonic(), full_scans(), []
+    while time.monotonic() - t0 < timeout:
+        await asyncio.sleep(1.0)
+        history.append(statistics.mean(pss_kib(k.pid) for k in kids) / 1024)
+        if full_scans() - scans0 >= 3 and len(history) > 3 and history[-4] - history[-1] < 0.05:
+            break
+    stats = [process_stat(k.pid) for k in kids]
+    cpu1 = ksmd_cpu_s()
+    return {
+        "pss_mib_per_child_settled": round(history[-1], 3) if history else None,
+        "ksm_settle_s": round(time.monotonic() - t0, 1),
+        "ksm_merged_mib_per_child": round(
+            statistics.mean(int(s.get("merging_pages", 0)) + int(s.get("zero_pages", 0)) for s in stats)
+            / 256,
+            3,
+        ),
+        "ksmd_cpu_s": round(cpu1 - cpu0, 2) if cpu0 is not None and cpu1 is not None else None,
+    }
+
+
+async def spawn_vm(
+    store: TemplateStore, template: str, n: int, cold_boots: int, ksm_timeout: float | None = None
+) -> dict:
     from forkd_runtime.vm import VmBackend
+    from forkd_runtime.vm._ksm import configure, ksmd_cpu_s
 
     cores = os.cpu_count() or 1
+    ksm = ksm_timeout is not None
+    ksmd_before: dict | None = None
+    settle = None
     with tempfile.TemporaryDirectory(prefix="forkd-bench-vm-") as state:
-        backend = VmBackend(store=store, root=state, pool_size=0, keep_snapshots=False)
+        backend = VmBackend(store=store, root=state, pool_size=0, keep_snapshots=False, ksm=ksm)
         await backend.start()
         try:
             snap = await backend.prepare(template)
@@ -129,7 +170,16 @@ async def spawn_vm(store: TemplateStore, template: str, n: int, cold_boots: int)
             await backend.warm(snap, n)
             pool_fill_s = time.monotonic() - t0
             await asyncio.sleep(1.0)  # let the pool's processes go idle
-            figures = await measure_spawn(backend, snap, n, pss_kib)
+            if ksm:
+                # On before the clock starts, as on a host that runs it: ready_s includes its interference.
+                cpu0 = ksmd_cpu_s()
+                ksmd_before = configure(**KSMD_BENCH, run=1)
+                settle = lambda kids: ksm_settle(kids, ksm_timeout, cpu0)  # noqa: E731
+            try:
+                figures = await measure_spawn(backend, snap, n, pss_kib, settle)
+            finally:
+                if ksmd_before is not None:
+                    configure(**ksmd_before)
             # The baseline: cold boots to a warm, answering agent (cores at a time).
             batches = max(1, cold_boots // cores)
             t2 = time.monotonic()
@@ -148,6 +198,7 @@ async def spawn_vm(store: TemplateStore, template: str, n: int, cold_boots: int)
         "cold_boot_s": [round(b, 2) for b in boots],
         # N cold boots, `cores` at a time, each batch taking what the measured ones took.
         "baseline_s": round(batch_s * n / cores, 3),
+        **({"ksmd": {**KSMD_BENCH, "run": 1, "restored_to": ksmd_before}} if ksm else {}),
     }
 
 
@@ -162,6 +213,14 @@ def main() -> None:
     ap.add_argument("--baseline-n", type=int, default=0, help="cold runs to time (default n)")
     ap.add_argument("--json", action="store_true", help="print only the JSON object")
     ap.add_argument("--cold-boots", type=int, default=0, help="vm: cold boots to time (default: cores)")
+    ap.add_argument(
+        "--ksm",
+        type=float,
+        metavar="TIMEOUT",
+        default=None,
+        help="vm: children mergeable, the host's ksmd ON for the run (restored after); wait up to TIMEOUT s "
+        "for merging to settle and report pss_mib_per_child_settled and ksmd_cpu_s too",
+    )
     args = ap.parse_args()
 
     store = TemplateStore(args.templates_dir)
@@ -170,7 +229,7 @@ def main() -> None:
     result = {"backend": args.backend, "n": args.n, "template": args.template}
     cores = os.cpu_count() or 1
     if args.backend == "vm":
-        result.update(asyncio.run(spawn_vm(store, args.template, args.n, args.cold_boots or cores)))
+        result.update(asyncio.run(spawn_vm(store, args.template, args.n, args.cold_boots or cores, args.ksm)))
         result["baseline_parallel"] = cores
         result["ratio"] = round(result["baseline_s"] / result["ready_s"], 1)
         print(json.dumps(result))

@@ -35,6 +35,15 @@ def _qemu() -> dict:
         return {"installed": False, "error": str(exc)}
 
 
+def _ksm() -> dict:
+    from .vm._ksm import host_status
+
+    try:
+        return host_status()
+    except OSError as exc:
+        return {"available": None, "error": str(exc)}
+
+
 def _cgroups() -> dict:
     from ._cgroups import CgroupError, detect
 
@@ -104,6 +113,7 @@ def report() -> dict:
         "kvm": kvm,
         "qemu": qemu,
         "vm_accel": forced or accel,
+        "ksm": _ksm(),
         "cgroups": _cgroups(),
         "user_namespaces": _userns(),
         "tools": {

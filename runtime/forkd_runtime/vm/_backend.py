@@ -87,6 +87,7 @@ class VmBackend(
         network: NetworkManager | None = None,
         restore_parallel: int | None = None,
         branch_pool_size: int = 0,
+        ksm: bool | None = None,
     ) -> None:
         """``root``: this runtime's state directory; ``store``: where templates come
         from. ``memory_mb``: guest RAM of parents (and so of their children).
@@ -98,7 +99,10 @@ class VmBackend(
         (default: one of its own, set up on first use, torn down at close).
         ``branch_pool_size``: QEMU processes kept waiting per BRANCH snapshot
         (``capture``); none by default: a branch's children are usually all
-        asked for at once, right after it."""
+        asked for at once, right after it. ``ksm``: mark every child's QEMU
+        mergeable by the host's KSM (whole process, ``PR_SET_MEMORY_MERGE``);
+        off (default) also keeps guest RAM unmergeable; None: ``FORKD_VM_KSM``
+        (1/0). The host's ksmd is never started or tuned here (see docs/vm.md)."""
         self.state = state_dir(root)
         self.store = store or TemplateStore(self.state)
         self.image_cache = Path(image_cache) if image_cache else self.store.root / "vm"
@@ -112,6 +116,7 @@ class VmBackend(
         self.memory_mb = memory_mb
         self.pool_size = pool_size
         self.branch_pool_size = branch_pool_size
+        self.ksm = _env_flag("FORKD_VM_KSM") if ksm is None else ksm
         # Directories of failed captures' layers that a source still reads.
         self._loose_layers: set[Path] = set()
         self._accel = accel
@@ -327,6 +332,15 @@ class VmBackend(
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _env_flag(name: str) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "no", "off", "false"):
+        return False
+    if value in ("1", "yes", "on", "true"):
+        return True
+    raise ValueError(f"{name} must be 1 or 0, not {value!r}")
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -19,8 +19,9 @@ log = logging.getLogger("forkd.runtime.vm")
 
 
 class WarmPool:
-    """Mixed into ``VmBackend``: uses its ``machine``, ``run_root``, ``empty`` and
-    ``_idle`` (set between spawn bursts), and starts QEMU through ``VmProcesses``."""
+    """Mixed into ``VmBackend``: uses its ``machine``, ``run_root``, ``empty``,
+    ``ksm`` and ``_idle`` (set between spawn bursts), and starts QEMU through
+    ``VmProcesses``."""
 
     def _set_pool(self, s: LoadedSnapshot, target: int) -> None:
         s.pool_target = target
@@ -100,10 +101,13 @@ class WarmPool:
                 chroot=self.empty,
                 tap_fd=tap_fd,
                 layers=layers,
+                merge=self.ksm,
             )
 
         extra = () if tap_fd is None else (tap_fd,)
-        vm = await self._launch(vid, build, self.default_limits, incoming=True, run=run, extra_fds=extra)
+        vm = await self._launch(
+            vid, build, self.default_limits, incoming=True, run=run, extra_fds=extra, mergeable=self.ksm
+        )
         vm.top_file = run / "upper.qcow2"
         vm.layers = list(layers)
         try:

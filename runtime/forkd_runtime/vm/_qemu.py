@@ -215,13 +215,17 @@ def command(
     chroot: Path | None = None,
     tap_fd: int | None = None,
     layers: Sequence[tuple[Path, str]] = (),
+    merge: bool = False,
 ) -> list[str]:
     """The QEMU command line for a parent (``share=True``, boots the kernel) or a
     child (``share=False``: a private copy-on-write mapping of the parent's RAM
     file; waits in ``-incoming defer`` for its device state). ``tap_fd``: an
     open queue of a host tap device for the NIC (a child with internet access).
     ``layers``: the read-only backing chain of ``upper``, bottom first, as
-    ``(path, format)`` (see ``disk_args``)."""
+    ``(path, format)`` (see ``disk_args``). ``merge``: guest RAM may be merged
+    by the host's KSM (QEMU's default; off here unless asked for, see
+    ``VmBackend(ksm=)``: merged pages shared between sandboxes are a timing
+    side channel between them)."""
     accel = "kvm" if machine.accel == "kvm" else f"tcg,tb-size={machine.tb_size_mb}"
     mem = machine.ram_kib
     args = [
@@ -235,7 +239,12 @@ def command(
         "-cpu", machine.cpu,
         "-smp", "1",
         "-m", f"{mem}K",
-        "-object", f"memory-backend-file,id=mem,size={mem}K,mem-path={mem_path},share={'on' if share else 'off'}",
+        # merge= after mem-path: not part of the device digest (it is no
+        # migrated state), so one snapshot serves children with and without it.
+        "-object", (
+            f"memory-backend-file,id=mem,size={mem}K,mem-path={mem_path},share={'on' if share else 'off'},"
+            f"merge={'on' if merge else 'off'}"
+        ),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(image.kernel),
         "-initrd", str(image.initramfs),

@@ -23,6 +23,7 @@ from .._backend import Limits
 from .._cgroups import Cgroup
 from .._network import NetHandle
 from ._channel import AgentChannel
+from ._ksm import mark_mergeable, process_stat
 from ._qmp import Qmp
 from ._vm_limits import with_overhead
 
@@ -46,6 +47,14 @@ def _qemu_preexec() -> None:
     if _libc.unshare(_CLONE_NEWNET) != 0:
         os._exit(126)
     _libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
+
+
+def _qemu_preexec_mergeable() -> None:
+    # As above, and the whole process mergeable by the host's ksmd (QEMU's
+    # heap and data, not only guest RAM). A kernel that refuses (older than
+    # 6.4) still runs the VM, unmarked: _launch notices and says so.
+    _qemu_preexec()
+    mark_mergeable()
 
 
 @dataclass(eq=False)
@@ -98,11 +107,13 @@ class VmProcesses:
         incoming: bool,
         run: Path | None = None,
         extra_fds: tuple[int, ...] = (),
+        mergeable: bool = False,
     ) -> VmProcess:
         """Start QEMU with its channels as inherited socketpairs (``build(qmp_fd,
         agent_fd)`` makes the command line); into its cgroup at once; QMP
         negotiated before this returns. ``incoming``: also hand it the read end
-        of a pipe to load its device state from (``vm.state_r``)."""
+        of a pipe to load its device state from (``vm.state_r``). ``mergeable``:
+        the whole process is marked for KSM (``PR_SET_MEMORY_MERGE``)."""
         if run is None:
             run = self.run_root / vid
             run.mkdir(mode=0o700)
@@ -124,7 +135,7 @@ class VmProcesses:
                     stdin=subprocess.DEVNULL,
                     stdout=logf,
                     stderr=logf,
-                    preexec_fn=_qemu_preexec,
+                    preexec_fn=_qemu_preexec_mergeable if mergeable else _qemu_preexec,
                     cwd=self.empty,
                 )
         except BaseException:
@@ -139,6 +150,8 @@ class VmProcesses:
         q_theirs.close()
         a_theirs.close()
         (run / "pid").write_text(f"{proc.pid} {start_time(proc.pid)}\n")
+        if mergeable:
+            _check_mergeable(proc.pid)
         pidfd = os.pidfd_open(proc.pid)
         loop = asyncio.get_running_loop()
         vm = VmProcess(
@@ -212,6 +225,17 @@ class VmProcesses:
             await vm.cgroup.kill_and_remove()
         await asyncio.to_thread(shutil.rmtree, vm.run, True)
         self._vms.discard(vm)
+
+
+_ksm_warned = False
+
+
+def _check_mergeable(pid: int) -> None:
+    # Kernels before 6.7 drop the mark at execve (and before 6.4 have none).
+    global _ksm_warned
+    if process_stat(pid).get("merge_any") is False and not _ksm_warned:
+        _ksm_warned = True
+        log.warning("ksm: QEMU processes are not mergeable on this kernel (needs Linux 6.7+)")
 
 
 def start_time(pid: int) -> str:
