@@ -97,6 +97,31 @@ async def test_refills_to_min_ready_after_takes(process_backend):
         await pool.close()
 
 
+async def test_refills_wait_for_a_step_of_missing_children(process_backend):
+    spawn = CountingSpawn(process_backend)
+    pool = await _pool(process_backend, min_ready=8, max_total=16)
+    assert pool.refill_step == 2  # a quarter of min_ready
+    await pool.start()
+    try:
+        assert spawn.calls == [8]
+        await pool.take()
+        await asyncio.sleep(0.3)
+        assert spawn.calls == [8] and pool.stats().ready == 7  # one short: no fork yet
+        await pool.take()
+        assert await pool.wait_ready(8, timeout=30)
+        assert spawn.calls == [8, 2]  # two short: both forked in one go
+        # A pool that ran dry refills at once, whatever the step.
+        dry = await _pool(process_backend, min_ready=1, max_total=4, refill_step=3)
+        await dry.start()
+        try:
+            await dry.take()
+            assert await dry.wait_ready(1, timeout=30)
+        finally:
+            await dry.close()
+    finally:
+        await pool.close()
+
+
 async def test_max_total_is_honoured(process_backend):
     pool = None
     spawn = CountingSpawn(process_backend, lambda: pool)

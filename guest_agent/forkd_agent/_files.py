@@ -482,6 +482,7 @@ async def _write_close(agent: Any, conn: Connection, params: dict) -> dict:
         raise p.RpcError(p.ErrorCode.CANCELLED, f"write of {up.path} aborted")
     fd, up.fd = up.fd, None
     _commit(fd, up.tmp, up.target)
+    agent.notify("files_changed")
     return _write_info(up.path)
 
 
@@ -512,6 +513,7 @@ async def _write(agent: Any, conn: Connection, params: dict) -> dict:
         _unlink_quietly(tmp)
         raise os_error(exc, path) from None
     _commit(fd, tmp, target)
+    agent.notify("files_changed")
     return _write_info(path)
 
 
@@ -596,6 +598,7 @@ async def _remove(agent: Any, conn: Connection, params: dict) -> None:
         raise p.RpcError(p.ErrorCode.FILE_NOT_FOUND, f"{path}: no such file or directory") from None
     except OSError as exc:
         raise os_error(exc, getattr(exc, "filename", None) or path) from None
+    agent.notify("files_changed")
     return None
 
 
@@ -622,6 +625,7 @@ async def _rename(agent: Any, conn: Connection, params: dict) -> dict:
             if exc.errno != errno.EXDEV:
                 raise
             _move_across(old, new)
+        agent.notify("files_changed")
         return entry_info(new)
     except OSError as exc:
         raise os_error(exc, old if exc.errno == errno.ENOENT else new) from None

@@ -69,6 +69,13 @@ async def _exec_start(agent, conn: Connection, params: dict) -> dict:
     return {"pid": proc.pid, "started_at": proc.started_at}
 
 
+@method("exec.prepare")
+async def _exec_prepare(agent, conn: Connection, params: dict) -> dict:
+    # A hint: start the shell that the next command with these params will run in.
+    spec = parse_spec(agent, {**params, "cmd": ""})
+    return {"prepared": agent.processes.shell.park_now(spec)}
+
+
 def _requested_offsets(params: dict) -> dict[int, int]:
     raw = params_.get(params, "offsets", dict, {})
     out: dict[int, int] = {}

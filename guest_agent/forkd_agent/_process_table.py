@@ -9,6 +9,7 @@ for a while after it exits, so a client can reattach and replay what it missed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from ._methods import component
 from ._process_io import Proc
 from ._process_spec import Spec, spawn_error
 from ._process_subscriber import Subscriber
+from ._warm_shell import WarmShell
 
 KEEP_EXITED = 64
 KEEP_EXITED_SECONDS = 300.0
@@ -32,15 +34,45 @@ KEEP_EXITED_BYTES = 32 * 1024 * 1024  # output kept for exited processes, all to
 SETPRIV = next((p for p in ("/usr/bin/setpriv", "/bin/setpriv") if os.access(p, os.X_OK)), None)
 
 
+class Launched:
+    """A started process's Popen and the agent's ends of its stdio."""
+
+    def __init__(self, popen: subprocess.Popen, outputs: dict[int, int], stdin_fd: int | None) -> None:
+        self.popen = popen
+        self.outputs = outputs
+        self.stdin_fd = stdin_fd
+        self.parked = None  # set by WarmShell while the process waits for its command
+
+    def close(self) -> None:
+        for fd in [*self.outputs.values(), self.stdin_fd]:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
 @component("processes")
 class Processes:
     def __init__(self, agent) -> None:
         self.agent = agent
+        self.shell = WarmShell(self, agent)
         self.procs: dict[int, Proc] = {}  # running and recently exited
         self._finished: OrderedDict[int, Proc] = OrderedDict()  # oldest first
         self._subs: dict[tuple[Connection, int], Subscriber] = {}
 
     def spawn(self, spec: Spec) -> Proc:
+        self.shell.last_spawn = time.monotonic()
+        launched = self.shell.claim(spec) or self.launch(spec, spec.argv)
+        proc = Proc(self, spec, launched.popen, launched.outputs, launched.stdin_fd)
+        if not self.shell.adopt(launched, proc):
+            self.agent.reaper.watch(proc.pid, proc.on_exit)
+        # A pid seen before belongs to a process that was reaped long ago.
+        self._finished.pop(proc.pid, None)
+        self.procs[proc.pid] = proc
+        proc.start()
+        return proc
+
+    def launch(self, spec: Spec, argv: list[str], pass_fds: tuple[int, ...] = ()) -> Launched:
+        """Start ``argv`` as ``spec`` says (user, cwd, env, stdio); typed errors."""
         stdin_fd = None
         parent_fds: list[int] = []
         child_fds: list[int] = []
@@ -68,8 +100,9 @@ class Processes:
                 outputs = {p.FD_STDOUT: out_r, p.FD_STDERR: err_r}
             for fd in parent_fds:
                 os.set_blocking(fd, False)
-            kw: dict = dict(stdio, cwd=spec.cwd, env=spec.env, start_new_session=True, close_fds=True)
-            argv = spec.argv
+            kw: dict = dict(
+                stdio, cwd=spec.cwd, env=spec.env, start_new_session=True, close_fds=True, pass_fds=pass_fds
+            )
             if not spec.user.is_self:
                 if SETPRIV and not spec.pty:
                     # CPython forks (rather than vforks) whenever it must change the
@@ -95,13 +128,7 @@ class Processes:
             raise spawn_error(exc, spec) from None
         for fd in child_fds:
             os.close(fd)
-        proc = Proc(self, spec, popen, outputs, stdin_fd)
-        self.agent.reaper.watch(proc.pid, proc.on_exit)
-        # A pid seen before belongs to a process that was reaped long ago.
-        self._finished.pop(proc.pid, None)
-        self.procs[proc.pid] = proc
-        proc.start()
-        return proc
+        return Launched(popen, outputs, stdin_fd)
 
     def lookup(self, pid: int) -> Proc:
         self._trim()
@@ -119,6 +146,7 @@ class Processes:
         if self.procs.get(proc.pid) is proc:
             self._finished[proc.pid] = proc
         self._trim()
+        self.shell.want(proc.spec)  # the next command is probably another like it
 
     def _trim(self) -> None:
         now = time.monotonic()
@@ -181,7 +209,11 @@ class Processes:
             if proc.owner is conn:
                 proc.kill_group(signal.SIGKILL)
 
+    def files_changed(self) -> None:
+        self.shell.files_changed()
+
     async def close(self) -> None:
+        self.shell.close()
         for sub in list(self._subs.values()):
             sub.stop()
         for proc in list(self.procs.values()):

@@ -58,6 +58,13 @@ class Agent:
             if start is not None:
                 await start()
 
+    def notify(self, event: str) -> None:
+        """Call each component's ``event()`` hook, if it has one (e.g. ``files_changed``)."""
+        for comp in self.components.values():
+            hook = getattr(comp, event, None)
+            if hook is not None:
+                hook()
+
     async def close(self) -> None:
         for conn in list(self.connections):
             await conn.close("agent stopping")
