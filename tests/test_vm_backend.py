@@ -177,6 +177,34 @@ async def test_identity_is_unique_and_clock_correct(vm):
         await vm.kill(k)
 
 
+async def test_first_command_runs_in_the_shell_parked_in_the_parent(vm):
+    # The parent parked a login shell for the default user before its snapshot: each child's
+    # first such command runs in its copy, with the child's own identity handed over.
+    kids = await vm.spawn(vm.snap, 2)
+    seen = []
+    for k in kids:
+        info = await k.conn.request("info")
+        s = k.conn.open_inbound()
+        await k.conn.request(
+            "exec.start",
+            {
+                "cmd": 'tr "\\0" " " </proc/$$/cmdline; echo; echo $HOSTNAME $FORKD_SANDBOX_ID $RANDOM $(id -un)',
+                "stream": s.id,
+            },
+            timeout=60,
+        )
+        out = b"".join([d async for _, _, d in s]).decode()
+        assert s.end_info["exit_code"] == 0, out
+        cmdline, ids = out.splitlines()
+        assert "read -r -u" in cmdline  # the parked shell's bootstrap, not this command
+        hostname, sandbox_id, rnd, user = ids.split()
+        assert (hostname, sandbox_id, user) == (info["hostname"], info["sandbox_id"], "user")
+        seen.append(rnd)
+    assert seen[0] != seen[1]  # $RANDOM reseeded per child, not the parent's sequence
+    for k in kids:
+        await vm.kill(k)
+
+
 async def test_limits_applied_to_qemu_cgroup(vm):
     from forkd_runtime._backend import Limits, SpawnOptions
 

@@ -71,7 +71,8 @@ class Processes:
         proc.start()
         return proc
 
-    def launch(self, spec: Spec, argv: list[str], pass_fds: tuple[int, ...] = ()) -> Launched:
+    @staticmethod
+    def launch(spec: Spec, argv: list[str], pass_fds: tuple[int, ...] = ()) -> Launched:
         """Start ``argv`` as ``spec`` says (user, cwd, env, stdio); typed errors."""
         stdin_fd = None
         parent_fds: list[int] = []

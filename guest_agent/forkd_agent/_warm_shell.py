@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import socket
 import subprocess
 import time
@@ -51,7 +52,7 @@ _ID_VARS = ("FORKD_SANDBOX_ID", "E2B_SANDBOX_ID")
 # user's commands run (or while the sandbox is being killed) competes with them for CPU.
 QUIET_BEFORE_PARKING = 0.02
 _BOOT = (
-    "read -r -u {go} FORKD_SANDBOX_ID E2B_SANDBOX_ID HOSTNAME RANDOM || exit 0; "
+    "exec {ready}>&-; read -r -u {go} FORKD_SANDBOX_ID E2B_SANDBOX_ID HOSTNAME RANDOM || exit 0; "
     "export FORKD_SANDBOX_ID E2B_SANDBOX_ID; SECONDS=0; exec {go}<&-; "
     'IFS= read -r -d "" BASH_EXECUTION_STRING <&{script}; exec {script}<&-; '
     'eval "$BASH_EXECUTION_STRING"'
@@ -76,12 +77,16 @@ def speculation_key(spec: Spec) -> tuple | None:
 
 
 class _Parked:
-    def __init__(self, spec: Spec, key: tuple, launched: Launched, go_fd: int, script_fd: int) -> None:
+    def __init__(
+        self, spec: Spec, key: tuple, launched: Launched, go_fd: int, script_fd: int, ready_fd: int
+    ) -> None:
         self.spec = spec
         self.key = key
         self.launched = launched
         self.go_fd: int | None = go_fd
         self.script_fd: int | None = script_fd
+        # Reads EOF once the shell has read its login scripts and waits for GO.
+        self.ready_fd: int | None = ready_fd
         self.proc: Proc | None = None
         self.exited = False
 
@@ -98,8 +103,22 @@ class _Parked:
         self.launched.close()
         self.close_fds()
 
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until the shell waits for its command (before a VM snapshot: its
+        forks must not each finish starting it); False on timeout or death."""
+        if self.ready_fd is None:
+            return False
+        ready, _, _ = select.select([self.ready_fd], [], [], timeout)
+        if not ready or self.exited:
+            return False
+        try:  # EOF also comes when it died (not reaped yet where no reaper runs)
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
     def close_fds(self) -> None:
-        for name in ("go_fd", "script_fd"):
+        for name in ("go_fd", "script_fd", "ready_fd"):
             fd = getattr(self, name)
             if fd is not None:
                 setattr(self, name, None)
@@ -131,7 +150,9 @@ class WarmShell:
         if any(not v or v.split() != [v] for v in words):
             return None  # not one word each: the GO line could not carry them
         self.parked = None
-        self.agent.reaper.reap()  # a parked shell killed a moment ago must not take the command
+        reaper = getattr(self.agent, "reaper", None)
+        if reaper is not None:
+            reaper.reap()  # a parked shell killed a moment ago must not take the command
         if parked.exited or not _same_cwd(parked.pid, spec.cwd):
             self._discard(parked)
             return None
@@ -178,26 +199,47 @@ class WarmShell:
 
     def _park(self, spec: Spec, key: tuple) -> _Parked | None:
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         try:
             script = os.memfd_create("forkd-command", os.MFD_CLOEXEC)
         except OSError:
             self.enabled = False
-            os.close(go_r)
-            os.close(go_w)
+            for fd in (go_r, go_w, ready_r, ready_w):
+                os.close(fd)
             return None
-        boot = _BOOT.format(go=go_r, script=script)
+        boot = _BOOT.format(go=go_r, script=script, ready=ready_w)
         try:
-            launched = self.table.launch(spec, [spec.argv[0], "-l", "-c", boot], pass_fds=(go_r, script))
+            launched = self.table.launch(
+                spec, [spec.argv[0], "-l", "-c", boot], pass_fds=(go_r, script, ready_w)
+            )
         except Exception:
-            os.close(go_w)
-            os.close(script)
+            for fd in (go_w, script, ready_r):
+                os.close(fd)
             return None
         finally:
             os.close(go_r)
-        parked = _Parked(spec, key, launched, go_w, script)
+            os.close(ready_w)
+        parked = _Parked(spec, key, launched, go_w, script, ready_r)
         launched.parked = parked
-        self.agent.reaper.watch(parked.pid, parked.on_exit)
+        self._watch(parked)
         return parked
+
+    def _watch(self, parked: _Parked) -> None:
+        # Before a VM's full agent exists there is no reaper: the shell is watched once it
+        # takes over (inherit), and an exit meanwhile is kept for it by the kernel (a zombie).
+        reaper = getattr(self.agent, "reaper", None)
+        if reaper is not None:
+            reaper.watch(parked.pid, parked.on_exit)
+
+    def inherit(self, other: WarmShell) -> None:
+        """Take over the shell ``other`` parked (the VM guest's early loop, at the hand-over)."""
+        parked, other.parked = other.parked, None
+        if parked is None:
+            return
+        if self.parked is not None:
+            self._discard(self.parked)
+        self.parked = parked
+        self._watch(parked)
 
     def _discard(self, parked: _Parked) -> None:
         # Without its GO line the shell exits by itself (read fails); its pipes close with it.

@@ -60,6 +60,8 @@ class ParentBoot:
                 },
                 timeout=120,
             )
+            # A login shell for the default user, parked in every child (see forkd_agent._warm_shell).
+            await conn.request("vm.shell.park", {}, timeout=120)
             await conn.request("ping", {}, timeout=60)
             t1 = time.monotonic()
             await vm.qmp.set_capability("x-ignore-shared")
