@@ -158,7 +158,9 @@ class WarmShell:
             return None
         words.append(str(int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF))
         try:
-            os.pwrite(parked.script_fd, spec.cmd.encode("utf-8", "surrogateescape"), 0)
+            data = spec.cmd.encode("utf-8", "surrogateescape")
+            os.ftruncate(parked.script_fd, len(data))  # exactly the command, whatever was there
+            os.pwrite(parked.script_fd, data, 0)
             os.write(parked.go_fd, (" ".join(words) + "\n").encode())
         except OSError:  # died before the reaper saw it: start the command the usual way
             self._discard(parked)
