@@ -13,8 +13,13 @@
  * compiled it. Loaded with ctypes.PyDLL: the GIL stays held across the call,
  * so a child that returns into Python finds the interpreter as it was.
  *
- * fk_fork() forks one child per fk_child. In the zygote it returns 0 with each
- * entry's pid/fd/err filled. A child sets up its sandbox, then answers `ping`
+ * fk_fork() forks one child per fk_child and reports them `chunk` at a time on
+ * the zygote's control socket itself: a `forked` notification (the same
+ * message the Python path sends) with the chunk's channel fds attached. No
+ * Python runs between two forks of a request, so nothing writes the zygote's
+ * heap and its 2 MiB pages stay whole (each write to one shared with a live
+ * child splits it back into 512 entries for every later fork to copy). In the
+ * zygote it returns 0, or -errno if the control socket failed. A child sets up its sandbox, then answers `ping`
  * requests on its channel from here; on the first other frame it returns
  * index + 1 to Python with the unanswered bytes in plan->pending, and Python
  * starts the agent with them. A child whose setup fails reports on fd 2 and
@@ -29,7 +34,7 @@ enum {
     NR_read = 0, NR_write = 1, NR_open = 2, NR_close = 3, NR_socket = 41, NR_socketpair = 53,
     NR_clone = 56, NR_exit_group = 231, NR_ioctl = 16, NR_dup2 = 33, NR_chdir = 80,
     NR_mkdir = 83, NR_mount = 165, NR_umount2 = 166, NR_pivot_root = 155, NR_sethostname = 170,
-    NR_prctl = 157, NR_setns = 308, NR_close_range = 436, NR_clock_gettime = 228,
+    NR_prctl = 157, NR_setns = 308, NR_close_range = 436, NR_clock_gettime = 228, NR_sendmsg = 46,
 };
 
 static i64 sys6(i64 n, i64 a, i64 b, i64 c, i64 d, i64 e, i64 f) {
@@ -76,6 +81,11 @@ static i64 sys6(i64 n, i64 a, i64 b, i64 c, i64 d, i64 e, i64 f) {
 #define CLOCK_REALTIME 0
 #define EINTR 4
 
+#define SOL_SOCKET 1
+#define SCM_RIGHTS 1
+#define MSG_NOSIGNAL 0x4000
+#define MAX_CHUNK 64
+
 #define CHANNEL_FD 3
 #define MAX_MOUNTS 8
 #define BUF 65536
@@ -115,9 +125,9 @@ struct fk_child {
     const char *resolv;     /* 0: keep the template's */
     i64 resolv_len;
     i64 netns;              /* a pooled namespace (closed here), or -1: a fresh one */
-    i64 pid;                /* out */
-    i64 fd;                 /* out: the runtime's end of the child's channel */
-    i64 err;                /* out: errno of a failure in the zygote */
+    i64 pid;                /* unused: kept for the ctypes mirror's layout */
+    i64 fd;
+    i64 err;
 };
 
 /* The compiler may emit calls to these for initialisers and copies; there is no libc to supply them. */
@@ -312,49 +322,168 @@ hand_over:
     pl->pending_len = have;
 }
 
-/* pending must hold BUF bytes. */
-__attribute__((visibility("default"))) i64 fk_fork(struct fk_plan *pl, struct fk_child *kids, i64 n) {
-    for (i64 i = 0; i < n; i++) {
-        struct fk_child *c = &kids[i];
-        int sv[2];
-        c->pid = -1;
-        c->fd = -1;
-        c->err = 0;
-        i64 r = S5(NR_socketpair, AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv, 0);
-        if (r < 0) {
-            c->err = -r;
-            if (c->netns >= 0) S1(NR_close, c->netns);
-            continue;
-        }
-        u64 flags = pl->ns_flags | SIGCHLD;
-        if (c->netns >= 0) {
-            r = S2(NR_setns, c->netns, CLONE_NEWNET); /* the child inherits whatever we are in */
-            if (r < 0) flags |= CLONE_NEWNET;
-        } else {
-            flags |= CLONE_NEWNET;
-        }
-        i64 pid = S5(NR_clone, flags, 0, 0, 0, 0);
-        if (pid == 0) {
-            if (flags & CLONE_NEWNET) c->netns = -1;
-            S1(NR_close, sv[0]);
-            move_fd(c, sv[1], CHANNEL_FD, "channel");
-            S3(NR_close_range, CHANNEL_FD + 1, ~0U, 0);
-            setup(pl, c);
-            serve_pings(pl);
-            return i + 1;
-        }
-        if (c->netns >= 0) {
-            S2(NR_setns, pl->home_netns, CLONE_NEWNET);
-            S1(NR_close, c->netns);
-        }
-        S1(NR_close, sv[1]);
-        if (pid < 0) {
-            S1(NR_close, sv[0]);
-            c->err = -pid;
-            continue;
-        }
-        c->pid = pid;
-        c->fd = sv[0];
+/* ---- the `forked` notification: [2, "forked", {"children": [{"id", "pid"}...], "errors": [{"id", "error"}...]}] ---- */
+
+struct out {
+    unsigned char *p, *end;
+};
+
+static void out_byte(struct out *o, unsigned char b) {
+    if (o->p < o->end) *o->p++ = b;
+}
+
+static void out_bytes(struct out *o, const char *s, i64 n) {
+    for (i64 i = 0; i < n; i++) out_byte(o, (unsigned char)s[i]);
+}
+
+static void out_str(struct out *o, const char *s) {
+    i64 n = slen(s);
+    if (n > 255) n = 255; /* ids are checked short by the zygote */
+    if (n < 32) {
+        out_byte(o, (unsigned char)(0xa0 | n));
+    } else {
+        out_byte(o, 0xd9);
+        out_byte(o, (unsigned char)n);
     }
-    return 0;
+    out_bytes(o, s, n);
+}
+
+static void out_uint(struct out *o, u64 v) {
+    out_byte(o, 0xce);
+    for (int i = 3; i >= 0; i--) out_byte(o, (unsigned char)(v >> (8 * i)));
+}
+
+static void out_array(struct out *o, i64 n) {
+    out_byte(o, 0xdc);
+    out_byte(o, (unsigned char)(n >> 8));
+    out_byte(o, (unsigned char)n);
+}
+
+/* Send one chunk's notification with the channels of those that exist; close our copies. */
+static i64 report(i64 control, const struct fk_child *kids, i64 n, const i64 *pids, const int *fds,
+                  const i64 *errs) {
+    unsigned char body[MAX_CHUNK * 80 + 64];
+    struct out o = {body, body + sizeof body};
+    i64 ok = 0;
+    for (i64 i = 0; i < n; i++) ok += pids[i] > 0;
+    out_byte(&o, 0x93);
+    out_byte(&o, 0x02);
+    out_str(&o, "forked");
+    out_byte(&o, 0x82);
+    out_str(&o, "children");
+    out_array(&o, ok);
+    for (i64 i = 0; i < n; i++) {
+        if (pids[i] <= 0) continue;
+        out_byte(&o, 0x82);
+        out_str(&o, "id");
+        out_str(&o, kids[i].id);
+        out_str(&o, "pid");
+        out_uint(&o, (u64)pids[i]);
+    }
+    out_str(&o, "errors");
+    out_array(&o, n - ok);
+    for (i64 i = 0; i < n; i++) {
+        if (pids[i] > 0) continue;
+        char msg[40] = "OSError: errno ";
+        int k = 15;
+        char digits[24];
+        int d = 0;
+        u64 e = (u64)errs[i];
+        do {
+            digits[d++] = (char)('0' + e % 10);
+            e /= 10;
+        } while (e && d < 20);
+        while (d) msg[k++] = digits[--d];
+        msg[k] = 0;
+        out_byte(&o, 0x82);
+        out_str(&o, "id");
+        out_str(&o, kids[i].id);
+        out_str(&o, "error");
+        out_str(&o, msg);
+    }
+    struct { u64 base, len; } iov = {(u64)body, (u64)(o.p - body)};
+    union {
+        struct { u64 len; int level, type; int fds[MAX_CHUNK]; } c;
+        u64 align;
+    } cm;
+    int k = 0;
+    for (i64 i = 0; i < n; i++)
+        if (pids[i] > 0) cm.c.fds[k++] = fds[i];
+    struct {
+        void *name;
+        int namelen;
+        void *iov;
+        u64 iovlen;
+        void *control;
+        u64 controllen;
+        int flags;
+    } msg = {0, 0, &iov, 1, 0, 0, 0};
+    if (k) {
+        cm.c.len = 16 + 4 * (u64)k;
+        cm.c.level = SOL_SOCKET;
+        cm.c.type = SCM_RIGHTS;
+        msg.control = &cm;
+        msg.controllen = (16 + 4 * (u64)k + 7) & ~7UL;
+    }
+    i64 r = o.p < o.end ? S3(NR_sendmsg, control, &msg, MSG_NOSIGNAL) : -90; /* EMSGSIZE */
+    for (int i = 0; i < k; i++) S1(NR_close, cm.c.fds[i]);
+    return r < 0 ? r : 0;
+}
+
+/* pending must hold BUF bytes; kids are only read here (the zygote's own memory stays unwritten). */
+__attribute__((visibility("default"))) i64 fk_fork(struct fk_plan *pl, struct fk_child *kids, i64 n, i64 chunk,
+                                                   i64 control) {
+    i64 pids[MAX_CHUNK], errs[MAX_CHUNK];
+    int fds[MAX_CHUNK];
+    if (chunk < 1 || chunk > MAX_CHUNK) chunk = MAX_CHUNK;
+    i64 failed = 0;
+    for (i64 base = 0; base < n; base += chunk) {
+        i64 m = n - base < chunk ? n - base : chunk;
+        for (i64 j = 0; j < m; j++) {
+            struct fk_child *c = &kids[base + j];
+            int sv[2];
+            pids[j] = -1;
+            fds[j] = -1;
+            errs[j] = 0;
+            i64 r = S5(NR_socketpair, AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv, 0);
+            if (r < 0) {
+                errs[j] = -r;
+                if (c->netns >= 0) S1(NR_close, c->netns);
+                continue;
+            }
+            u64 flags = pl->ns_flags | SIGCHLD;
+            if (c->netns >= 0) {
+                r = S2(NR_setns, c->netns, CLONE_NEWNET); /* the child inherits whatever we are in */
+                if (r < 0) flags |= CLONE_NEWNET;
+            } else {
+                flags |= CLONE_NEWNET;
+            }
+            i64 pid = S5(NR_clone, flags, 0, 0, 0, 0);
+            if (pid == 0) {
+                struct fk_child me = *c; /* on our own stack: the zygote's copy stays shared */
+                if (flags & CLONE_NEWNET) me.netns = -1;
+                S1(NR_close, sv[0]);
+                move_fd(&me, sv[1], CHANNEL_FD, "channel");
+                S3(NR_close_range, CHANNEL_FD + 1, ~0U, 0);
+                setup(pl, &me);
+                serve_pings(pl);
+                return base + j + 1;
+            }
+            if (c->netns >= 0) {
+                S2(NR_setns, pl->home_netns, CLONE_NEWNET);
+                S1(NR_close, c->netns);
+            }
+            S1(NR_close, sv[1]);
+            if (pid < 0) {
+                S1(NR_close, sv[0]);
+                errs[j] = -pid;
+                continue;
+            }
+            pids[j] = pid;
+            fds[j] = sv[0];
+        }
+        i64 r = report(control, kids + base, m, pids, fds, errs);
+        if (r < 0 && !failed) failed = r;
+    }
+    return failed;
 }

@@ -277,10 +277,12 @@ def collapse_anonymous_memory() -> int:
             continue
         if len(fields) > 5 and fields[5] != "[heap]":
             continue  # file mappings and stacks stay as they are
-        lo, hi = (int(x, 16) for x in fields[0].split("-"))
-        lo, hi = (lo + HUGE - 1) & ~(HUGE - 1), hi & ~(HUGE - 1)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        lo, hi = (start + HUGE - 1) & ~(HUGE - 1), end & ~(HUGE - 1)
         if hi <= lo:
             continue
-        if madvise(lo, hi - lo, MADV_HUGEPAGE) == 0 and madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
+        # The flag on the whole mapping: on part of it the kernel would split it in
+        # up to three, and every mapping costs each fork its own copying.
+        if madvise(start, end - start, MADV_HUGEPAGE) == 0 and madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
             total += hi - lo
     return total

@@ -16,6 +16,8 @@ from pathlib import Path
 
 LIBRARY = Path(__file__).with_name("_forkcore.so")
 MAX_MOUNTS = 8
+MAX_CHUNK = 64  # _forkcore.c MAX_CHUNK
+MAX_ID = 64  # longest child id the native path reports (its notification buffer)
 PENDING = 65536  # _forkcore.c BUF
 
 i64 = ctypes.c_long
@@ -72,7 +74,7 @@ def load() -> ctypes.PyDLL | None:
     # the call finds the interpreter exactly as the zygote left it.
     lib = ctypes.PyDLL(str(LIBRARY))
     lib.fk_fork.restype = i64
-    lib.fk_fork.argtypes = [ctypes.POINTER(Plan), ctypes.POINTER(Child), i64]
+    lib.fk_fork.argtypes = [ctypes.POINTER(Plan), ctypes.POINTER(Child), i64, i64, i64]
     return lib
 
 
@@ -108,12 +110,16 @@ class NativeForker:
         self._plan = c
         self._keep = (plan, strings)  # the byte strings the structure points into
 
-    def fork(self, children: ctypes.Array, n: int) -> int:
-        """Fork the first ``n`` of ``children``: 0 in the zygote; index + 1 in a
-        child handed over to Python."""
+    def fork(self, children: ctypes.Array, n: int, chunk: int, control_fd: int) -> int:
+        """Fork the first ``n`` of ``children``, reporting each ``chunk`` of them as a
+        ``forked`` notification on ``control_fd`` (their channels attached). In the
+        zygote: 0, or -errno if a report could not be sent; in a child handed
+        over to Python: its index + 1."""
         if not 0 <= n <= len(children):
             raise ValueError("more children than entries")
-        return self._lib.fk_fork(ctypes.byref(self._plan), children, n)
+        return self._lib.fk_fork(
+            ctypes.byref(self._plan), children, n, min(max(chunk, 1), MAX_CHUNK), control_fd
+        )
 
     def pending(self) -> bytes:
         """In a handed-over child: the bytes its ping loop did not answer."""

@@ -37,8 +37,8 @@ from forkd import protocol as p
 from . import _linux as L
 from ._branch import LAYER_FD, STATE_FD
 from ._lazy import answer_until_needed, core_answer
+from ._native import MAX_ID, NativeForker
 from ._native import Child as NativeChild
-from ._native import NativeForker
 from ._native import load as load_native
 from ._server import Agent, serve_fd
 
@@ -184,21 +184,26 @@ class Zygote:
             chunk = params.get("chunk", DEFAULT_CHUNK)
             if not isinstance(chunk, int) or chunk <= 0:
                 raise p.RpcError(p.ErrorCode.INVALID_ARGUMENT, f"zygote: bad chunk {chunk!r}")
+            if self.native is not None:
+                self.fork_native(specs, chunk)
+                return {"children": [], "errors": []}, []
             # Chunk by chunk, each reported at once: the runtime admits one chunk's
             # children while this forks the next, and this never waits for it.
             for i in range(0, len(specs), chunk):
                 result, fds = self.fork_children(specs[i : i + chunk])
-                try:
-                    socket.send_fds(self.control, [p.encode(p.Notification("forked", result))], fds)
-                finally:
-                    for fd in fds:
-                        os.close(fd)
+                self.report(result, fds)
             return {"children": [], "errors": []}, []
         raise p.RpcError(p.ErrorCode.UNKNOWN_METHOD, f"zygote: unknown method {method!r}")
 
+    def report(self, result: dict, fds: list[int]) -> None:
+        """A ``forked`` notification: these children exist, their channels attached."""
+        try:
+            socket.send_fds(self.control, [p.encode(p.Notification("forked", result))], fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
     def fork_children(self, specs: list) -> tuple[dict, list[int]]:
-        if self.native is not None:
-            return self.fork_native(specs)
         done, errors, fds = [], [], []
         for spec in specs:
             try:
@@ -210,10 +215,11 @@ class Zygote:
             fds.append(fd)
         return self.fork_result(done, errors), fds
 
-    def fork_native(self, specs: list) -> tuple[dict, list[int]]:
-        """The whole request in one call into ``_forkcore.c``: all the Python work
-        (and so all the zygote's copied pages) happens once per request, before
-        the first fork, instead of once per child."""
+    def fork_native(self, specs: list, chunk: int) -> None:
+        """The whole request in one call into ``_forkcore.c``, which also reports
+        each chunk: all the Python work (and so every write to the zygote's heap,
+        each a copied page or a split 2 MiB page while children share it) happens
+        once per request, before the first fork."""
         errors: list[dict] = []
         valid: list[dict] = []
         kids = (NativeChild * len(specs))()
@@ -225,19 +231,13 @@ class Zygote:
                 errors.append({"id": str(spec.get("id")), "error": f"{type(exc).__name__}: {exc}"})
                 continue
             valid.append(spec)
-        t0 = time.perf_counter()
-        index = self.native.fork(kids, len(valid)) if valid else 0
-        if index:  # a child, set up and handed over: never returns
+        if errors:
+            self.report(self.fork_result([], errors), [])
+        index = self.native.fork(kids, len(valid), chunk, self.control.fileno()) if valid else 0
+        if index > 0:  # a child, set up and handed over: never returns
             _native_child_main(valid[index - 1], self, self.native.pending())
-        TIMING["clone"] += time.perf_counter() - t0
-        done, fds = [], []
-        for spec, kid in zip(valid, kids, strict=False):
-            if kid.err:
-                errors.append({"id": spec["id"], "error": f"OSError: {os.strerror(kid.err)}"})
-            else:
-                done.append({"id": spec["id"], "pid": kid.pid})
-                fds.append(kid.fd)
-        return self.fork_result(done, errors), fds
+        if index < 0:
+            log.warning("cannot report forked children: %s", os.strerror(-index))
 
     def fork_result(self, done: list[dict], errors: list[dict]) -> dict:
         timing = {k: round(v * 1000, 3) for k, v in TIMING.items()}
@@ -248,6 +248,8 @@ class Zygote:
     def native_child(self, spec: dict, kid: NativeChild) -> None:
         """Fill ``kid`` from ``spec`` (checked as ``fork_one`` checks it)."""
         cid = check_child_id(spec["id"])
+        if len(cid) > MAX_ID:
+            raise ValueError(f"child id longer than {MAX_ID} characters")
         hostname = (spec.get("hostname") or cid[:63]).encode()
         kid.id = cid.encode()
         kid.hostname = hostname

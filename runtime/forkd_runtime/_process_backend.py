@@ -35,7 +35,7 @@ import forkd
 import forkd_agent
 from forkd import protocol as p
 from forkd._connection import Connection
-from forkd._transports import StreamTransport
+from forkd._transports import StreamTransport, TransportClosed
 from forkd_agent import _linux as L
 
 from ._backend import (
@@ -77,6 +77,11 @@ UID_BASE = 524288
 CHUNK = 16
 MAX_PACKET = 1 << 20
 CGROUP_STOCK = 128  # covers a burst the size of the spawn benchmark
+# A spawn's first ping, written to each channel the moment it arrives: it waits in the
+# socket until the child is set up, so the child finds it without sleeping.
+PING_ID = 1
+PING = p.frame(p.encode(p.Request(PING_ID, "ping", {})))
+ADMIT_TIMEOUT = 30.0
 
 
 def _copy_lib(dest_root: Path) -> Path:
@@ -114,11 +119,19 @@ NoticeHandler = Callable[[dict, list[int]], None]
 
 
 def _place(moves: list[tuple[Cgroup, int]]) -> dict[int, str]:
-    """Move each pid into its cgroup; what failed, by pid."""
+    """Move each pid into its cgroup; what failed, by pid. Raw system calls: on
+    cgroup v1 a sandbox is four moves (one per controller), ~0.2 ms of this
+    thread's CPU per child with buffered text files."""
     failed = {}
     for cgroup, pid in moves:
+        data = str(pid).encode()
         try:
-            cgroup.add(pid)
+            for d in cgroup.dirs:
+                fd = os.open(f"{d}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
         except OSError as exc:
             failed[pid] = str(exc)
     return failed
@@ -252,6 +265,97 @@ class _Handle:
     net: NetHandle | None = None
     killed: bool = False
     capturing: bool = False
+    # The runtime's end of the agent channel until a Connection takes it (-1 after),
+    # and what arrived on it after the first ping's answer (handed to that Connection).
+    fd: int = -1
+    initial: bytes = b""
+    exited: bool = False  # the pidfd said so; kill() is under way
+    # Set when the child has answered its first ping (spawn waits on it).
+    answered: asyncio.Future | None = None
+
+
+class _LazyChannel:
+    """A child's agent channel as a Transport whose asyncio stream is opened on
+    first use: a spawn's children answer their first ping without one (see
+    ``_ChildProcess``). Owns ``fd``."""
+
+    def __init__(self, fd: int, initial: bytes) -> None:
+        self._fd = fd
+        self._initial = initial
+        self._inner: StreamTransport | None = None
+        self._opening: asyncio.Future | None = None
+        self._closed = fd < 0
+
+    async def _stream(self) -> StreamTransport:
+        if self._inner is None:
+            if self._closed:
+                raise TransportClosed()
+            if self._opening is None:
+                self._opening = asyncio.ensure_future(self._open())
+            await asyncio.shield(self._opening)
+        return self._inner
+
+    async def _open(self) -> None:
+        sock = socket.socket(fileno=self._fd)
+        self._fd = -1  # the socket object owns it now
+        try:
+            self._inner = await StreamTransport.from_socket(sock, initial=self._initial)
+        except BaseException:
+            sock.close()
+            raise
+
+    async def send(self, body: bytes) -> None:
+        await (await self._stream()).send(body)
+
+    async def recv(self) -> bytes:
+        return await (await self._stream()).recv()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._opening is not None:
+            with contextlib.suppress(BaseException):
+                await self._opening
+        if self._inner is not None:
+            await self._inner.close()
+        elif self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class _ChildProcess(Child):
+    """A process sandbox whose ``conn`` is made on first use.
+
+    A spawn admits its children with raw reads and writes on their channels
+    (``ProcessBackend._admit_chunk``): an asyncio stream, a Connection and its
+    reader task per child cost more CPU than the rest of the runtime's share of a
+    fork, and most pooled children wait a while before anyone talks to them.
+    Callers see no difference: the first ``child.conn`` builds and starts the
+    Connection (the bytes already read go to it), inside the event loop."""
+
+    _conn: Connection | None = None
+    _connect: Callable[[_ChildProcess], Connection] | None = None
+
+    @property
+    def conn(self) -> Connection:
+        if self._conn is None:
+            self._conn = self._connect(self)
+        return self._conn
+
+    @conn.setter
+    def conn(self, value: Connection | None) -> None:
+        self._conn = value
+
+    @property
+    def alive(self) -> bool:
+        if self._conn is None:
+            h: _Handle = self.handle
+            return not (h.killed or h.exited)
+        return not self._conn.closed.is_set()
+
+    def __repr__(self) -> str:  # the dataclass one would build the connection
+        return f"<Child {self.id} pid={self.pid}>"
 
 
 class ProcessBackend(Backend):
@@ -432,7 +536,9 @@ class ProcessBackend(Backend):
         if z is None or not z.alive():
             snapshot = await self.prepare(snapshot.template)
             z = self._zygotes[snapshot.template]
-        pings: list[asyncio.Task] = []
+        children: list[_ChildProcess] = []
+        placings: list[asyncio.Future[dict[int, str]]] = []
+        finishing: list[asyncio.Future] = []
         errors: list[str] = []
         specs = []
         for _ in range(n):
@@ -449,6 +555,8 @@ class ProcessBackend(Backend):
                     "state": snapshot.meta.get("state"),
                 }
             )
+        # Branch children restore their source's code contexts before they count as ready.
+        extra_steps = options.internet or bool(snapshot.meta.get("contexts"))
 
         def forked(result: dict, fds: list[int]) -> None:
             # Admitted while the zygote forks the next chunk: neither waits for the other.
@@ -458,75 +566,153 @@ class ProcessBackend(Backend):
                 os.close(fd)
             if not kids:
                 return
+            admitted = [self._admit(snapshot, info["id"], info["pid"], fd, options) for info, fd in kids]
+            children.extend(admitted)
             # Limits before a child is handed out (nothing but our agent has run in it yet).
             # One thread for the chunk: moving a task between cgroups can wait ~10 ms for
             # the kernel (an RCU grace period), which must not stall every sandbox's relays.
-            cgroups = [self._take_cgroup(options.limits) for _ in kids]
-            moves = [(cg, info["pid"]) for cg, (info, _fd) in zip(cgroups, kids, strict=True)]
-            placed = asyncio.ensure_future(asyncio.to_thread(_place, moves))
-            for (info, fd), cg in zip(kids, cgroups, strict=True):
-                admit = self._admit(snapshot, info["id"], info["pid"], fd, options, cg, placed)
-                pings.append(asyncio.ensure_future(admit))
+            moves = [(c.handle.cgroup, c.pid) for c in admitted]
+            placings.append(asyncio.ensure_future(asyncio.to_thread(_place, moves)))
+            if extra_steps:
+                finishing.extend(asyncio.ensure_future(self._finish(c, snapshot)) for c in admitted)
 
-        _done, fds = await z.request("fork", {"children": specs, "chunk": CHUNK}, on_notice=forked)
-        for fd in fds:  # the children came with the notifications
-            os.close(fd)
-        outcomes = await asyncio.gather(*pings, return_exceptions=True)
-        children = [c for c in outcomes if isinstance(c, Child)]
-        errors.extend(str(e) for e in outcomes if isinstance(e, BaseException))
+        try:
+            _done, fds = await z.request("fork", {"children": specs, "chunk": CHUNK}, on_notice=forked)
+            for fd in fds:  # the children came with the notifications
+                os.close(fd)
+            if children:
+                await asyncio.wait([c.handle.answered for c in children], timeout=ADMIT_TIMEOUT)
+            unplaced: dict[int, str] = {}
+            for placed in await asyncio.gather(*placings, return_exceptions=True):
+                if isinstance(placed, BaseException):  # not an OSError: count the whole chunk out
+                    raise SpawnError(f"cannot place children in their cgroups: {placed}")
+                unplaced.update(placed)
+            finished = await asyncio.gather(*finishing, return_exceptions=True)
+        except BaseException:
+            for f in finishing:
+                f.cancel()
+            await asyncio.gather(*(self.kill(c) for c in children), return_exceptions=True)
+            raise
+        failures = {
+            c.id: str(e) for c, e in zip(children, finished, strict=False) if isinstance(e, BaseException)
+        }
+        ready = []
+        loop = asyncio.get_running_loop()
+        for c in children:
+            h: _Handle = c.handle
+            why = failures.get(c.id)
+            if not h.answered.done():
+                why = f"did not answer its first ping within {ADMIT_TIMEOUT:.0f} s"
+            elif h.answered.cancelled():
+                why = "killed"
+            elif h.answered.exception() is not None:
+                why = str(h.answered.exception())
+            elif c.pid in unplaced:
+                why = f"cannot place it in its cgroup: {unplaced[c.pid]}"
+            if why or h.killed:
+                errors.append(f"{c.id}: did not come up: {why or 'killed'}")
+                await self.kill(c)
+                continue
+            # From now on its exit releases what it holds, connection or not.
+            loop.add_reader(h.pidfd, self._on_exit, c)
+            ready.append(c)
         self._refill_cgroups(options.limits)
         if errors:
             log.warning("%d of %d children failed: %s", len(errors), n, errors[:3])
-        if not children and n:
+        if not ready and n:
             raise SpawnError(f"no child started: {errors[0] if errors else 'unknown error'}")
-        return children
+        return ready
 
-    async def _admit(
-        self,
-        snapshot: Snapshot,
-        cid: str,
-        pid: int,
-        fd: int,
-        options: SpawnOptions,
-        cgroup: Cgroup,
-        placed: asyncio.Future[dict[int, str]],
-    ) -> Child:
-        """Take a forked child in: its channel, pidfd and cgroup (``placed`` moves it
-        there), then its first ping."""
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:  # died in its set-up and already reaped
-            sock.close()
-            await asyncio.shield(placed)
-            cgroup.remove()
-            raise SpawnError(f"{cid}: exited during set-up (the zygote's log says why)") from None
-        handle = _Handle(cgroup=cgroup, pidfd=pidfd)
-        transport = await StreamTransport.from_socket(sock)
-        conn = Connection(transport, name=cid)
-        child = Child(id=cid, snapshot=snapshot, pid=pid, conn=conn, options=options, handle=handle)
+    def _admit(self, snapshot: Snapshot, cid: str, pid: int, fd: int, options: SpawnOptions) -> _ChildProcess:
+        """Take a forked child in: its channel, pidfd and cgroup (moved into by the
+        caller), and its first ping, written at once and read back by ``_read_answer``.
+        No task, stream or Connection: those come with the first ``child.conn``."""
+        loop = asyncio.get_running_loop()
+        h = _Handle(cgroup=self._take_cgroup(options.limits), pidfd=-1, fd=fd, answered=loop.create_future())
+        child = _ChildProcess(id=cid, snapshot=snapshot, pid=pid, conn=None, options=options, handle=h)
+        child._connect = self._connect
         self._children[cid] = child
         try:
-            if options.internet:
-                handle.net = await self.net.attach(pid, pidfd=pidfd)
-            conn.start()
-            conn.add_close_callback(lambda _c: self._on_channel_closed(child))
-            await conn.request("ping", {}, timeout=30)
-            unplaced = (await asyncio.shield(placed)).get(pid)
-            if unplaced:
-                raise SpawnError(f"cannot place it in its cgroup: {unplaced}")
-            contexts = snapshot.meta.get("contexts")
-            if contexts:  # a branch: its source's code contexts
-                restored = await conn.request("branch.restore", {"contexts": contexts}, timeout=300)
-                failed = [c for c in restored.get("contexts", []) if c.get("error")]
-                if failed:
-                    log.warning("%s: code contexts not restored: %s", cid, failed)
-            child.ready_at = time.monotonic()
-        except BaseException as exc:
-            await self.kill(child)
-            raise SpawnError(f"{cid}: did not come up: {exc}") from None
+            h.pidfd = os.pidfd_open(pid)
+            os.set_blocking(fd, False)
+            os.write(fd, PING)  # 20 bytes into an empty socket buffer: never short
+        except OSError:  # died in its set-up (and maybe already reaped)
+            h.answered.set_exception(SpawnError("exited during set-up (the zygote's log says why)"))
+            return child
+        loop.add_reader(fd, self._read_answer, child)
         return child
+
+    def _read_answer(self, child: _ChildProcess) -> None:
+        h: _Handle = child.handle
+        try:
+            data = os.read(h.fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        loop = asyncio.get_running_loop()
+        if not data:
+            loop.remove_reader(h.fd)
+            if not h.answered.done():
+                h.answered.set_exception(SpawnError("exited during set-up (the zygote's log says why)"))
+            return
+        buf = h.initial = h.initial + data
+        size = int.from_bytes(buf[:4], "big") if len(buf) >= 4 else -1
+        if size < 0 or len(buf) < 4 + size:
+            if size > p.MAX_FRAME_SIZE:
+                loop.remove_reader(h.fd)
+                h.answered.set_exception(SpawnError(f"sent a {size}-byte frame for its first answer"))
+            return
+        loop.remove_reader(h.fd)
+        h.initial = buf[4 + size :]  # whatever follows belongs to the Connection
+        try:
+            msg = p.decode(buf[4 : 4 + size])
+        except p.ProtocolError as exc:
+            h.answered.set_exception(SpawnError(f"bad answer to its first ping: {exc.message}"))
+            return
+        if not isinstance(msg, p.Response) or msg.id != PING_ID or msg.error is not None:
+            h.answered.set_exception(SpawnError(f"unexpected answer to its first ping: {msg!r}"))
+            return
+        child.ready_at = time.monotonic()
+        h.answered.set_result(None)
+
+    async def _finish(self, child: _ChildProcess, snapshot: Snapshot) -> None:
+        """What a child needs beyond its first ping: internet access (while it sets
+        itself up), its source's code contexts (a branch)."""
+        h: _Handle = child.handle
+        if child.options.internet:
+            h.net = await self.net.attach(child.pid, pidfd=h.pidfd)
+        await h.answered
+        contexts = snapshot.meta.get("contexts")
+        if contexts:
+            restored = await child.conn.request("branch.restore", {"contexts": contexts}, timeout=300)
+            failed = [c for c in restored.get("contexts", []) if c.get("error")]
+            if failed:
+                log.warning("%s: code contexts not restored: %s", child.id, failed)
+            child.ready_at = time.monotonic()
+
+    def _connect(self, child: _ChildProcess) -> Connection:
+        """``child.conn``, made on first use: takes the channel and what the
+        admission read past its ping's answer."""
+        h: _Handle = child.handle
+        conn = Connection(_LazyChannel(h.fd, h.initial), name=child.id)
+        h.fd, h.initial = -1, b""
+        if h.killed:  # its channel is gone already: a closed connection, as after an EOF
+            conn.close_reason = "killed"
+            conn.closed.set()
+            return conn
+        conn.start()
+        conn.add_close_callback(lambda _c: self._on_channel_closed(child))
+        return conn
+
+    def _on_exit(self, child: _ChildProcess) -> None:
+        h: _Handle = child.handle
+        asyncio.get_running_loop().remove_reader(h.pidfd)
+        h.exited = True
+        # A child with a connection is released when that connection sees its end
+        # (its users learn why from it); one without has nobody else to notice.
+        if child._conn is None and not h.killed:
+            asyncio.ensure_future(self.kill(child))
 
     async def capture(self, child: Child) -> Snapshot:
         """BRANCH: a snapshot of a live child; it keeps running (docs/branch-design.md).
@@ -742,11 +928,24 @@ class ProcessBackend(Backend):
             return
         h.killed = True
         self._children.pop(child.id, None)
-        with contextlib.suppress(ProcessLookupError, OSError):
-            signal.pidfd_send_signal(h.pidfd, signal.SIGKILL)
-        await child.conn.close("killed")
-        await self._wait_exit(h.pidfd)
-        os.close(h.pidfd)
+        loop = asyncio.get_running_loop()
+        if h.answered is not None and not h.answered.done():
+            h.answered.cancel()  # a spawn still admitting it counts it out
+        if h.pidfd >= 0:
+            loop.remove_reader(h.pidfd)  # the exit watcher (_on_exit)
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(h.pidfd, signal.SIGKILL)
+        conn = child._conn if isinstance(child, _ChildProcess) else child.conn
+        if conn is not None:
+            await conn.close("killed")
+        elif h.fd >= 0:  # never connected: the admission's reader may still watch it
+            loop.remove_reader(h.fd)
+            os.close(h.fd)
+            h.fd = -1
+        if h.pidfd >= 0:
+            await self._wait_exit(h.pidfd)
+            os.close(h.pidfd)
+            h.pidfd = -1
         if h.net is not None and self.net is not None:
             # After the exit: the kernel is already tearing the namespace down.
             await self.net.detach(h.net)
