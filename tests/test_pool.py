@@ -110,6 +110,11 @@ async def test_refills_wait_for_a_step_of_missing_children(process_backend):
         await pool.take()
         assert await pool.wait_ready(8, timeout=30)
         assert spawn.calls == [8, 2]  # two short: both forked in one go
+        # A ready child that dies is replaced at once: the step only batches what was taken.
+        victim = next(iter(pool._ready.values()))
+        await process_backend.kill(victim)
+        assert await pool.wait_ready(8, timeout=30)
+        assert spawn.calls == [8, 2, 1]
         # A pool that ran dry refills at once, whatever the step.
         dry = await _pool(process_backend, min_ready=1, max_total=4, refill_step=3)
         await dry.start()
@@ -118,6 +123,18 @@ async def test_refills_wait_for_a_step_of_missing_children(process_backend):
             assert await dry.wait_ready(1, timeout=30)
         finally:
             await dry.close()
+    finally:
+        await pool.close()
+
+
+async def test_first_fill_reaches_min_ready_past_a_batch(process_backend):
+    # 20 = a batch of 16 and 4 more: the step (5) must not hold back the first fill.
+    spawn = CountingSpawn(process_backend)
+    pool = await _pool(process_backend, min_ready=20, max_total=24)
+    await pool.start()
+    try:
+        assert pool.stats().ready == 20
+        assert spawn.calls == [16, 4]
     finally:
         await pool.close()
 

@@ -126,6 +126,7 @@ class WarmPool:
         self._spawning_demand = 0
         self._spawned_total = 0
         self._taken_total = 0
+        self._taken_unrefilled = 0  # ready children handed out since the refills that replace them
         self._failures = 0
         self._wake = asyncio.Event()  # wakes the refill task
         self._changed = asyncio.Event()  # replaced on every change; takers waiting for capacity watch it
@@ -219,6 +220,7 @@ class WarmPool:
                 raise RpcError(ErrorCode.SANDBOX, f"pool of {self.snapshot.template} is closed")
             child = self._pop_ready()
             if child is not None:
+                self._taken_unrefilled += 1
                 self._in_use[child.id] = child
                 self.backend.activate(child)
                 if not self.refresh_identity or await self._refresh(child):
@@ -397,8 +399,11 @@ class WarmPool:
 
     def _deficit(self) -> int:
         want = self.min_ready - len(self._ready) - self._spawning_refill
-        if want < self.refill_step and self._ready:
-            return 0  # a few short: wait until a batch is worth forking (see refill_step)
+        if want <= self._taken_unrefilled < self.refill_step and self._ready:
+            # Short only of what was taken, and not a step's worth yet: wait for a batch worth
+            # forking (see refill_step). Anything else (the first fill, children that died or
+            # failed to start) is forked at once.
+            return 0
         room = self.max_total - self._total()
         return max(0, min(want, room, self.batch))
 
@@ -423,6 +428,7 @@ class WarmPool:
 
     async def _refill_batch(self, k: int) -> bool:
         """Fork and warm ``k`` children into the ready set; False if any failed."""
+        self._taken_unrefilled = max(0, self._taken_unrefilled - k)
         self._spawning_refill += k
         token = refilling.set(True)
         try:
