@@ -487,3 +487,172 @@ __attribute__((visibility("default"))) i64 fk_fork(struct fk_plan *pl, struct fk
     }
     return failed;
 }
+
+/* ---- fk_spawn: start a command as another user without fork ----
+ *
+ * The agent runs in a sandbox as root and starts every command as the
+ * sandbox's user. CPython forks (rather than vforks) whenever it must change
+ * the uid, copying the agent's page tables: milliseconds where each page fault
+ * is a hypervisor trip. A setpriv exec in between costs ~1 ms of loading. Here
+ * the child shares the agent's memory (CLONE_VM | CLONE_VFORK: the agent waits
+ * until it execs or exits) and switches user itself, touching only its own
+ * stack and the request.
+ */
+
+enum {
+    NR_rt_sigaction = 13, NR_rt_sigprocmask = 14, NR_fcntl = 72, NR_setsid = 112, NR_setgroups = 116,
+    NR_setresuid = 117, NR_setresgid = 119, NR_execve = 59, NR_exit = 60, NR_wait4 = 61,
+};
+
+#define CLONE_VM 0x00000100
+#define CLONE_VFORK 0x00004000
+#define SIG_SETMASK 2
+#define F_DUPFD_CLOEXEC 1030
+#define F_SETFD 2
+#define O_RDWR 02
+#define SIGKILL 9
+#define SIGPIPE 13
+#define SIGSTOP 19
+#define SIGXFSZ 25
+#define NSIG 64
+#define SPAWN_STACK 32768
+
+/* Field order is _native.SpawnRequest's. */
+struct fk_spawn_req {
+    const char *path;       /* absolute: PATH lookup is the caller's */
+    char *const *argv;
+    char *const *envp;
+    const char *cwd;        /* 0: the agent's */
+    i64 fds[3];             /* the child's 0, 1, 2; -1: /dev/null */
+    const int *keep;        /* fds >= 3 the child keeps (pass_fds), ascending */
+    i64 n_keep;
+    const unsigned int *groups;
+    i64 n_groups;
+    i64 uid, gid;           /* -1: keep the agent's */
+    i64 err;                /* out: errno of the failed step ... */
+    i64 step;               /* ... and which (FK_STEP_*) */
+};
+
+enum { FK_STEP_CLONE = 1, FK_STEP_SIGNALS, FK_STEP_SETSID, FK_STEP_STDIO, FK_STEP_FDS, FK_STEP_CHDIR,
+       FK_STEP_SETGROUPS, FK_STEP_SETGID, FK_STEP_SETUID, FK_STEP_EXEC };
+
+struct spawn_arg {
+    struct fk_spawn_req *req;
+    u64 mask; /* the agent's signal mask before it blocked everything */
+};
+
+struct k_sigaction {
+    u64 handler, flags, restorer, mask;
+};
+
+static char spawn_stack[SPAWN_STACK] __attribute__((aligned(16)));
+
+__attribute__((noreturn)) static void spawn_fail(struct fk_spawn_req *r, i64 step, i64 ret) {
+    r->err = -ret;
+    r->step = step;
+    for (;;) S1(NR_exit, 127);
+}
+
+#define TRY(expr, step)                        \
+    do {                                       \
+        i64 r_ = (expr);                       \
+        if (r_ < 0) spawn_fail(r, step, r_);   \
+    } while (0)
+
+/* Runs in the child, on spawn_stack; never returns. */
+__attribute__((noreturn, used)) static void spawn_child(struct spawn_arg *a) {
+    struct fk_spawn_req *r = a->req;
+    /* The child has its own copy of the handler table: the agent's (Python's
+     * C-level trampolines writing into its memory) must never run here. Like
+     * Popen(restore_signals=True), the signals Python ignores get their
+     * defaults back. */
+    for (int sig = 1; sig <= NSIG; sig++) {
+        if (sig == SIGKILL || sig == SIGSTOP) continue;
+        struct k_sigaction old;
+        if (S5(NR_rt_sigaction, sig, 0, &old, 8, 0) < 0) continue;
+        int reset = old.handler > 1 || (old.handler == 1 && (sig == SIGPIPE || sig == SIGXFSZ));
+        if (reset) {
+            struct k_sigaction dfl = {0, 0, 0, 0};
+            TRY(S5(NR_rt_sigaction, sig, &dfl, 0, 8, 0), FK_STEP_SIGNALS);
+        }
+    }
+    TRY(S5(NR_rt_sigprocmask, SIG_SETMASK, &a->mask, 0, 8, 0), FK_STEP_SIGNALS);
+    TRY(S1(NR_setsid, 0), FK_STEP_SETSID);
+    i64 src[3];
+    for (int i = 0; i < 3; i++) {
+        src[i] = r->fds[i];
+        if (src[i] < 0) {
+            src[i] = S3(NR_open, "/dev/null", O_RDWR | O_CLOEXEC, 0);
+            TRY(src[i], FK_STEP_STDIO);
+        }
+    }
+    /* A source among 0..2 could be overwritten by an earlier dup2: move it up first. */
+    for (int i = 0; i < 3; i++)
+        if (src[i] < 3 && src[i] != i) TRY(src[i] = S3(NR_fcntl, src[i], F_DUPFD_CLOEXEC, 3), FK_STEP_STDIO);
+    for (int i = 0; i < 3; i++) {
+        if (src[i] == i)
+            TRY(S3(NR_fcntl, i, F_SETFD, 0), FK_STEP_STDIO);
+        else
+            TRY(S2(NR_dup2, src[i], i), FK_STEP_STDIO);
+    }
+    /* Close every fd >= 3 but the kept ones, whose close-on-exec flag goes. */
+    i64 lo = 3;
+    for (i64 k = 0; k < r->n_keep; k++) {
+        i64 fd = r->keep[k];
+        if (fd < lo) continue;
+        TRY(S3(NR_fcntl, fd, F_SETFD, 0), FK_STEP_FDS);
+        if (fd > lo) TRY(S3(NR_close_range, lo, fd - 1, 0), FK_STEP_FDS);
+        lo = fd + 1;
+    }
+    TRY(S3(NR_close_range, lo, ~0U, 0), FK_STEP_FDS);
+    if (r->cwd) TRY(S1(NR_chdir, r->cwd), FK_STEP_CHDIR);
+    if (r->n_groups >= 0) TRY(S2(NR_setgroups, r->n_groups, r->groups), FK_STEP_SETGROUPS);
+    if (r->gid >= 0) TRY(S3(NR_setresgid, r->gid, r->gid, r->gid), FK_STEP_SETGID);
+    if (r->uid >= 0) TRY(S3(NR_setresuid, r->uid, r->uid, r->uid), FK_STEP_SETUID);
+    spawn_fail(r, FK_STEP_EXEC, S3(NR_execve, r->path, r->argv, r->envp));
+}
+
+/* clone() whose child calls fn(arg) on `stack_top` (16-byte aligned); the parent gets the pid or -errno. */
+static i64 clone_call(u64 flags, void *stack_top, void (*fn)(struct spawn_arg *), struct spawn_arg *arg) {
+    i64 ret;
+    register i64 r10 __asm__("r10") = 0;
+    register i64 r8 __asm__("r8") = 0;
+    register void *r12 __asm__("r12") = (void *)fn;
+    register void *r13 __asm__("r13") = arg;
+    __asm__ volatile(
+        "syscall\n\t"
+        "test %%rax, %%rax\n\t"
+        "jnz 1f\n\t"
+        "xor %%ebp, %%ebp\n\t"
+        "mov %%r13, %%rdi\n\t"
+        "call *%%r12\n\t"
+        "hlt\n"
+        "1:"
+        : "=a"(ret)
+        : "a"(NR_clone), "D"(flags), "S"(stack_top), "d"(0), "r"(r10), "r"(r8), "r"(r12), "r"(r13)
+        : "rcx", "r11", "memory", "cc");
+    return ret;
+}
+
+/* The pid, or -errno with r->step saying which step failed (a child that
+ * failed after the clone has been reaped here). Call with r->err = 0. */
+__attribute__((visibility("default"))) i64 fk_spawn(struct fk_spawn_req *r) {
+    struct spawn_arg a = {r, 0};
+    u64 all = ~0UL;
+    i64 ret = S5(NR_rt_sigprocmask, SIG_SETMASK, &all, &a.mask, 8, 0);
+    if (ret < 0) {
+        r->step = FK_STEP_SIGNALS;
+        return ret;
+    }
+    r->err = 0;
+    i64 pid = clone_call(CLONE_VM | CLONE_VFORK | SIGCHLD, spawn_stack + SPAWN_STACK, spawn_child, &a);
+    if (pid < 0) {
+        r->step = FK_STEP_CLONE;
+    } else if (r->err) {
+        /* Exited before exec: reap it now (as Popen does); nobody else knows its pid. */
+        while (S5(NR_wait4, pid, 0, 0, 0, 0) == -EINTR) {}
+        pid = -r->err;
+    }
+    S5(NR_rt_sigprocmask, SIG_SETMASK, &a.mask, 0, 8, 0);
+    return pid;
+}

@@ -1,4 +1,5 @@
-"""The zygote's native fork path (``_forkcore.c``): loading it and feeding it.
+"""The zygote's native fork path (``_forkcore.c``): loading it and feeding it;
+and ``spawn``, its user-switching process start for the sandboxes' agents.
 
 The runtime compiles ``_forkcore.c`` next to this file when it copies forkd's
 code for a zygote (``forkd_runtime._native_build``); without a compiler there
@@ -12,6 +13,8 @@ children's own strings are made.
 from __future__ import annotations
 
 import ctypes
+import errno
+import os
 from pathlib import Path
 
 LIBRARY = Path(__file__).with_name("_forkcore.so")
@@ -68,6 +71,7 @@ class Child(ctypes.Structure):
 def load() -> ctypes.PyDLL | None:
     """The compiled fork path, or None (not built for this zygote: see
     ``forkd_runtime._native_build``)."""
+    global _loaded
     if not LIBRARY.exists():
         return None
     # PyDLL: the GIL stays held, so a child returning into Python from inside
@@ -75,6 +79,9 @@ def load() -> ctypes.PyDLL | None:
     lib = ctypes.PyDLL(str(LIBRARY))
     lib.fk_fork.restype = i64
     lib.fk_fork.argtypes = [ctypes.POINTER(Plan), ctypes.POINTER(Child), i64, i64, i64]
+    lib.fk_spawn.restype = i64
+    lib.fk_spawn.argtypes = [ctypes.POINTER(SpawnRequest)]
+    _loaded = lib
     return lib
 
 
@@ -124,3 +131,103 @@ class NativeForker:
     def pending(self) -> bytes:
         """In a handed-over child: the bytes its ping loop did not answer."""
         return self._pending.raw[: self._plan.pending_len]
+
+
+# ---- fk_spawn: a command started as another user without fork ----
+
+STEP_CHDIR = 6  # _forkcore.c FK_STEP_*
+STEP_EXEC = 10
+_loaded: ctypes.PyDLL | None = None  # the library this process loaded (kept across the zygote's forks)
+
+
+class SpawnRequest(ctypes.Structure):
+    _fields_ = [
+        ("path", cstr),
+        ("argv", ctypes.POINTER(cstr)),
+        ("envp", ctypes.POINTER(cstr)),
+        ("cwd", cstr),
+        ("fds", i64 * 3),
+        ("keep", ctypes.POINTER(ctypes.c_int)),
+        ("n_keep", i64),
+        ("groups", ctypes.POINTER(ctypes.c_uint)),
+        ("n_groups", i64),
+        ("uid", i64),
+        ("gid", i64),
+        ("err", i64),
+        ("step", i64),
+    ]
+
+
+class Spawned:
+    """Where the agent would keep a Popen: the agent reaps its children itself
+    and sets ``returncode`` once it has."""
+
+    __slots__ = ("args", "pid", "returncode")
+
+    def __init__(self, args: list[str], pid: int) -> None:
+        self.args = args
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+def spawner() -> ctypes.PyDLL | None:
+    """The library if this process loaded it (a process-backend sandbox's agent,
+    inheriting its zygote's); None elsewhere."""
+    return _loaded
+
+
+def _strings(items: list[bytes]) -> ctypes.Array:
+    return (cstr * (len(items) + 1))(*items, None)
+
+
+def _executable(name: str, env: dict[str, str]) -> str:
+    if "/" in name:
+        return name
+    for d in os.get_exec_path(env):
+        path = os.path.join(d, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+
+
+def spawn(
+    lib: ctypes.PyDLL,
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str | None,
+    stdio: tuple[int, int, int],
+    pass_fds: tuple[int, ...],
+    uid: int,
+    gid: int,
+    groups: list[int],
+) -> Spawned:
+    """What ``Popen(argv, env=, cwd=, stdin/stdout/stderr=, start_new_session=True,
+    close_fds=True, pass_fds=, user=, group=, extra_groups=)`` does, without fork.
+    A stdio fd < 0 is /dev/null. Raises OSError as Popen would."""
+    path = _executable(argv[0], env)
+    r = SpawnRequest()
+    r.path = os.fsencode(path)
+    c_argv = _strings([os.fsencode(a) for a in argv])
+    c_envp = _strings([os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()])
+    r.argv = ctypes.cast(c_argv, ctypes.POINTER(cstr))
+    r.envp = ctypes.cast(c_envp, ctypes.POINTER(cstr))
+    r.cwd = os.fsencode(cwd) if cwd else None
+    r.fds[:] = [fd if fd >= 0 else -1 for fd in stdio]
+    keep = sorted({fd for fd in pass_fds if fd > 2})
+    c_keep = (ctypes.c_int * max(len(keep), 1))(*keep)
+    r.keep = ctypes.cast(c_keep, ctypes.POINTER(ctypes.c_int))
+    r.n_keep = len(keep)
+    c_groups = (ctypes.c_uint * max(len(groups), 1))(*groups)
+    r.groups = ctypes.cast(c_groups, ctypes.POINTER(ctypes.c_uint))
+    r.n_groups = len(groups)
+    r.uid = uid
+    r.gid = gid
+    pid = lib.fk_spawn(ctypes.byref(r))
+    if pid < 0:
+        err = -pid
+        where = cwd if r.step == STEP_CHDIR else argv[0] if r.step == STEP_EXEC else None
+        raise OSError(err, os.strerror(err), where)
+    return Spawned(argv, pid)

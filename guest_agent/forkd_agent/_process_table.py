@@ -20,7 +20,7 @@ from forkd import protocol as p
 from forkd._connection import Connection
 from forkd.protocol import ErrorCode, RpcError
 
-from . import _pty
+from . import _native, _pty
 from ._methods import component
 from ._process_io import Proc
 from ._process_spec import Spec, spawn_error
@@ -101,28 +101,23 @@ class Processes:
                 outputs = {p.FD_STDOUT: out_r, p.FD_STDERR: err_r}
             for fd in parent_fds:
                 os.set_blocking(fd, False)
-            kw: dict = dict(
-                stdio, cwd=spec.cwd, env=spec.env, start_new_session=True, close_fds=True, pass_fds=pass_fds
-            )
-            if not spec.user.is_self:
-                if SETPRIV and not spec.pty:
-                    # CPython forks (rather than vforks) whenever it must change the
-                    # uid itself, copying the agent's page tables: milliseconds per
-                    # command. setpriv switches user after a cheap vfork+exec instead.
-                    groups = ",".join(str(g) for g in spec.user.groups()) or str(spec.user.gid)
-                    argv = [
-                        SETPRIV,
-                        f"--reuid={spec.user.uid}",
-                        f"--regid={spec.user.gid}",
-                        f"--groups={groups}",
-                        "--",
-                        *argv,
-                    ]
-                else:
-                    kw.update(user=spec.user.uid, group=spec.user.gid, extra_groups=spec.user.groups())
-            if spec.pty:
-                kw["preexec_fn"] = _pty.become_controlling_tty
-            popen = subprocess.Popen(argv, **kw)
+            native = _native.spawner() if not spec.user.is_self and not spec.pty else None
+            if native is not None:
+                # A process-backend sandbox: its zygote's library switches user in a
+                # vfork-style child, without Popen's fork or setpriv's exec.
+                popen = _native.spawn(
+                    native,
+                    argv,
+                    spec.env,
+                    spec.cwd,
+                    (stdio["stdin"], stdio["stdout"], stdio["stderr"]),
+                    pass_fds,
+                    spec.user.uid,
+                    spec.user.gid,
+                    spec.user.groups() or [spec.user.gid],
+                )
+            else:
+                popen = Processes._popen(spec, argv, stdio, pass_fds)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             for fd in parent_fds + child_fds:
                 os.close(fd)
@@ -130,6 +125,31 @@ class Processes:
         for fd in child_fds:
             os.close(fd)
         return Launched(popen, outputs, stdin_fd)
+
+    @staticmethod
+    def _popen(spec: Spec, argv: list[str], stdio: dict, pass_fds: tuple[int, ...]) -> subprocess.Popen:
+        kw: dict = dict(
+            stdio, cwd=spec.cwd, env=spec.env, start_new_session=True, close_fds=True, pass_fds=pass_fds
+        )
+        if not spec.user.is_self:
+            if SETPRIV and not spec.pty:
+                # CPython forks (rather than vforks) whenever it must change the
+                # uid itself, copying the agent's page tables: milliseconds per
+                # command. setpriv switches user after a cheap vfork+exec instead.
+                groups = ",".join(str(g) for g in spec.user.groups()) or str(spec.user.gid)
+                argv = [
+                    SETPRIV,
+                    f"--reuid={spec.user.uid}",
+                    f"--regid={spec.user.gid}",
+                    f"--groups={groups}",
+                    "--",
+                    *argv,
+                ]
+            else:
+                kw.update(user=spec.user.uid, group=spec.user.gid, extra_groups=spec.user.groups())
+        if spec.pty:
+            kw["preexec_fn"] = _pty.become_controlling_tty
+        return subprocess.Popen(argv, **kw)
 
     def lookup(self, pid: int) -> Proc:
         self._trim()
