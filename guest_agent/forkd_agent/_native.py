@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
 from pathlib import Path
 
 LIBRARY = Path(__file__).with_name("_forkcore.so")
@@ -185,12 +186,11 @@ def _strings(items: list[bytes]) -> ctypes.Array:
 
 def _executable(name: str, env: dict[str, str]) -> str:
     if "/" in name:
-        return name
-    for d in os.get_exec_path(env):
-        path = os.path.join(d, name)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+        return name  # exec reports what is wrong with it, as Popen's would
+    path = shutil.which(name, path=os.pathsep.join(os.get_exec_path(env)))
+    if path is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+    return path
 
 
 def spawn(

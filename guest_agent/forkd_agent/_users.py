@@ -30,31 +30,35 @@ class User:
         return self.uid == os.geteuid()
 
     def groups(self) -> list[int]:
-        stamp = _stamp("/etc/group")
-        hit = _groups_cache.get((self.name, self.gid))
-        if hit is not None and stamp is not None and hit[0] == stamp:
-            return list(hit[1])
+        return list(_cached(_groups_cache, (self.name, self.gid), "/etc/group", self._lookup_groups))
+
+    def _lookup_groups(self) -> tuple[int, ...]:
         try:
-            groups = os.getgrouplist(self.name, self.gid)
+            return tuple(os.getgrouplist(self.name, self.gid))
         except OSError:
-            groups = [self.gid]
-        _groups_cache[(self.name, self.gid)] = (stamp, tuple(groups))
-        return groups
+            return (self.gid,)
 
 
 # Every command and file request names a user: looking one up reads and parses
 # /etc/passwd (/etc/group for the groups), ~0.2 ms on a cold cache. The answers
 # are kept until the file changes (useradd replaces it: new inode, size, mtime).
 _users_cache: dict[str | None, tuple[tuple, User]] = {}
-_groups_cache: dict[tuple[str, int], tuple[tuple | None, tuple[int, ...]]] = {}
+_groups_cache: dict[tuple[str, int], tuple[tuple, tuple[int, ...]]] = {}
 
 
-def _stamp(path: str) -> tuple | None:
+def _cached(cache: dict, key, path: str, lookup):
+    """``lookup()``, or its earlier answer for ``key`` while ``path`` is unchanged."""
     try:
         st = os.stat(path)
     except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+        return lookup()
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    hit = cache.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    value = lookup()
+    cache[key] = (stamp, value)
+    return value
 
 
 def _from_pw(pw: pwd.struct_passwd) -> User:
@@ -63,14 +67,7 @@ def _from_pw(pw: pwd.struct_passwd) -> User:
 
 def resolve_user(name: str | None) -> User:
     """The named user, or the default one; an unknown name is the caller's error."""
-    stamp = _stamp("/etc/passwd")
-    hit = _users_cache.get(name or None)
-    if hit is not None and stamp is not None and hit[0] == stamp:
-        return hit[1]
-    user = _lookup(name)
-    if stamp is not None:
-        _users_cache[name or None] = (stamp, user)
-    return user
+    return _cached(_users_cache, name or None, "/etc/passwd", lambda: _lookup(name))
 
 
 def _lookup(name: str | None) -> User:

@@ -136,7 +136,6 @@ class WarmShell:
         self._want: Spec | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.enabled = hasattr(os, "memfd_create")
-        self.claimed = 0  # commands that took a parked shell (tests, metrics)
         self.last_spawn = 0.0  # time.monotonic() of the last command started
 
     # -- taking one --
@@ -166,7 +165,6 @@ class WarmShell:
             self._discard(parked)
             return None
         parked.close_fds()
-        self.claimed += 1
         return parked.launched
 
     def adopt(self, launched: Launched, proc: Proc) -> bool:

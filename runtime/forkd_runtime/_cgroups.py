@@ -29,8 +29,13 @@ class CgroupError(Exception):
 
 
 def _write(path: Path, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
+    # Raw system calls, not a buffered text file: a v1 sandbox is four writes per
+    # move and per limit, ~0.2 ms of CPU per child through open()/write().
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
 
 
 class Cgroup:

@@ -109,12 +109,6 @@ def _refresh_early(handler, early: _Early, params: dict):
     return result
 
 
-async def _vm_park(agent, conn, params: dict) -> dict:
-    from forkd_agent._process_spec import parse_spec
-
-    return {"prepared": agent.processes.shell.park_now(parse_spec(agent, {**params, "cmd": ""}))}
-
-
 def _park_early(handler, early: _Early, params: dict):
     """Park a shell and return once it waits for its command: sent to the parent
     before its snapshot, so that every child has a ready login shell (under TCG
@@ -377,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     load_features()
     # Registered in the agent's table too, so it also works after the hand-over.
     METHODS.setdefault(NET_CONFIGURE, _net_configure)
-    METHODS.setdefault(PARK, _vm_park)
+    METHODS.setdefault(PARK, METHODS["exec.prepare"])  # the same work, answered in the early loop
     early = _Early(args.sandbox_id, warm_up(code))
     while True:
         try:
