@@ -63,6 +63,11 @@ def _read(name: str) -> str | None:
         return None
 
 
+def _selected(value: str) -> str:
+    # sysfs choice files mark the current one: "none [scan-time]" -> "scan-time".
+    return value.split("[", 1)[-1].split("]", 1)[0]
+
+
 def _exec_inherits() -> bool | None:
     """Whether the mark survives execve here: a child marked before exec reads
     its own ksm_stat."""
@@ -92,7 +97,7 @@ def host_status() -> dict:
             info[name] = int(value)
     advisor = _read("advisor_mode")
     if advisor:
-        info["advisor_mode"] = advisor.split("[", 1)[-1].split("]", 1)[0]
+        info["advisor_mode"] = _selected(advisor)
     info["process_merge"] = _libc.prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0) >= 0
     info["process_merge_across_exec"] = _exec_inherits() if info["process_merge"] else False
     if not info["ksmd_running"]:
@@ -130,7 +135,7 @@ def configure(**settings: int | str) -> dict[str, str]:
         if value is None:
             continue
         if name == "advisor_mode":
-            value = value.split("[", 1)[-1].split("]", 1)[0]
+            value = _selected(value)
         previous[name] = value
     # ksmd stops before its settings change, and starts after they are set.
     names = [n for n in settings if n != "run"]
