@@ -87,3 +87,31 @@ def vm_store(template_store):
     if reason:
         pytest.skip(reason)
     return template_store
+
+
+@pytest.fixture
+def guest():
+    """The VM guest entry point, loaded from its source file (in a VM it is the
+    top-level module forkd_vm_guest)."""
+    import importlib.util
+    from pathlib import Path
+
+    import forkd_runtime.vm as vm
+
+    spec = importlib.util.spec_from_file_location("forkd_vm_guest", Path(vm.__file__).with_name("_guest.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def early_library(tmp_path_factory):
+    """The VM guest's native early loop (vm/_guest_early.c), compiled as an image build does."""
+    from forkd_runtime.vm._image import GUEST_EARLY_LIBRARY, _guest_early_library
+
+    data = _guest_early_library()
+    if data is None:
+        pytest.skip("no C compiler here: the guest's native early loop is not built")
+    path = tmp_path_factory.mktemp("guest-early") / GUEST_EARLY_LIBRARY
+    path.write_bytes(data)
+    return path

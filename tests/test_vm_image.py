@@ -114,32 +114,26 @@ def _response(sock):
     return p.decode(buf[4:])
 
 
-@pytest.fixture
-def guest():
-    """The VM guest entry point, loaded from its source file (in a VM it is the
-    top-level module forkd_vm_guest)."""
-    import importlib.util
-    from pathlib import Path
-
-    import forkd_runtime.vm as vm
-
-    spec = importlib.util.spec_from_file_location("forkd_vm_guest", Path(vm.__file__).with_name("_guest.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_guest_early_loop(guest):
+@pytest.mark.parametrize("native", [False, True], ids=["python", "native"])
+def test_guest_early_loop(guest, native, request):
     from forkd_agent._features import load_features
     from forkd_agent._methods import METHODS
 
     load_features()
     ours, theirs = socket.socketpair()
     early = guest._Early("parent-id", {"marker": "m1"})
+    serve = (
+        guest.native_early(theirs.fileno(), early, str(request.getfixturevalue("early_library")))
+        if native
+        else None
+    )
     result: dict = {}
     t = threading.Thread(
         target=lambda: result.setdefault(
-            "left", answer_until_needed(theirs.fileno(), guest.early_answer(early, METHODS), wait_on_eof=True)
+            "left",
+            answer_until_needed(
+                theirs.fileno(), guest.early_answer(early, METHODS), wait_on_eof=True, native=serve
+            ),
         )
     )
     t.start()

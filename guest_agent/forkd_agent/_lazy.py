@@ -52,17 +52,36 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def answer_until_needed(
-    fd: int, answer: Callable[[p.Request], Any], *, wait_on_eof: bool = False, initial: bytes = b""
+    fd: int,
+    answer: Callable[[p.Request], Any],
+    *,
+    wait_on_eof: bool = False,
+    initial: bytes = b"",
+    native: Callable[[bytes], bytes | None] | None = None,
 ) -> bytes | None:
     """Serve requests on the blocking ``fd`` with ``answer(request) -> result``
     (raising RpcError for an error reply, HandOver for the full agent); return
     the unanswered bytes, from the first frame needing the full agent on.
     ``initial``: bytes already read from ``fd`` (by the native ping loop).
 
+    ``native(pending)``: a loop in C that takes the bytes not yet answered,
+    reads ``fd`` itself, answers what it can and returns the bytes from the
+    first frame it leaves to this loop on (None once it cannot serve any more:
+    plain reads from then on). This loop then answers that one frame and gives
+    the rest back.
+
     End of stream returns None, or with ``wait_on_eof`` (a virtio-serial port,
     whose reads return at once while the host end is not connected) waits."""
     raw = bytearray(initial)
+    to_native = native is not None
     while True:
+        if native is not None and to_native:
+            more = native(bytes(raw))
+            if more is None:
+                native = None
+            else:
+                raw = bytearray(more)
+            to_native = False
         while len(raw) >= _LEN:
             size = int.from_bytes(raw[:_LEN], "big")
             if size > p.MAX_FRAME_SIZE:
@@ -83,6 +102,11 @@ def answer_until_needed(
                 reply = p.Response(msg.id, exc, None)
             write_all(fd, p.frame(p.encode(reply)))
             del raw[: _LEN + size]
+            if native is not None:
+                to_native = True  # one frame answered here: the rest is the native loop's again
+                break
+        if to_native:
+            continue
         try:
             data = os.read(fd, 65536)
         except InterruptedError:

@@ -1,8 +1,12 @@
-"""Compile the zygote's native fork path (guest_agent/forkd_agent/_forkcore.c).
+"""Compile forkd's freestanding C helpers: the zygote's native fork path
+(guest_agent/forkd_agent/_forkcore.c), the VM guest's early loop
+(vm/_guest_early.c) and the stand-in for QEMU's disassembler library
+(vm/_capstone_stub.c).
 
-Built with the host's C compiler into forkd's per-zygote code copy; a host
-without one (or a non-x86_64 host) gets no library and its zygotes fork from
-Python: slower, otherwise the same.
+Built with the host's C compiler (into forkd's per-zygote code copy, or into a
+VM image); a host without one (or a non-x86_64 host) gets no library and the
+Python version of the same path runs instead: slower, otherwise the same.
+``FORKD_NATIVE_FORK=0`` turns both off.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger("forkd.runtime.native")
@@ -23,20 +28,26 @@ CFLAGS = [
 ]  # fmt: skip
 
 
-def build(source: Path, output: Path) -> bool:
-    """Compile ``source`` to ``output``; False (and a warning) when it cannot be done here."""
+def build(source: Path, output: Path, extra: Sequence[str] = ()) -> bool:
+    """Compile ``source`` to ``output`` (``extra``: more compiler arguments);
+    False (and a warning) when it cannot be done here."""
     if os.environ.get("FORKD_NATIVE_FORK", "1") == "0":
         return False
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if platform.machine() != "x86_64" or cc is None:
-        log.warning("no native fork path (%s, compiler %s): zygotes fork from Python", platform.machine(), cc)
+        log.warning(
+            "not building %s (%s, compiler %s): its Python path runs", source.name, platform.machine(), cc
+        )
         return False
     try:
         subprocess.run(
-            [cc, *CFLAGS, "-o", str(output), str(source)], check=True, capture_output=True, timeout=120
+            [cc, *CFLAGS, *extra, "-o", str(output), str(source)],
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
     except (OSError, subprocess.SubprocessError) as exc:
         err = getattr(exc, "stderr", b"") or b""
-        log.warning("cannot build the native fork path: %s %s", exc, err.decode(errors="replace")[-500:])
+        log.warning("cannot build %s: %s %s", source.name, exc, err.decode(errors="replace")[-500:])
         return False
     return True

@@ -14,13 +14,17 @@ Why: the parent VM is snapshotted while waiting in this loop. Under TCG every
 child translates anew all the guest code it runs after its restore; the host's
 first requests to a child (its identity refresh, then a ping) cost about half
 as much here as through the event loop, the connection engine and the task
-machinery, and a child that is never used never pays for them at all.
+machinery, and a child that is never used never pays for them at all. Where
+the runtime could compile it, ``ping`` and the identity refresh are answered
+by C (``_guest_early.c``, see ``native_early``) and the parent is snapshotted
+inside its read: a child then runs no Python at all until it is used.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import fcntl
 import ipaddress
 import logging
@@ -148,6 +152,87 @@ def early_answer(early: _Early, methods: dict):
         return _run_now(handler(early, None, msg.params))
 
     return answer
+
+
+class _EarlyState(ctypes.Structure):
+    """``struct fk_early`` of _guest_early.c: keep in step."""
+
+    _fields_ = [
+        ("fd", ctypes.c_long),
+        ("buf", ctypes.c_void_p),
+        ("cap", ctypes.c_long),
+        ("len", ctypes.c_long),
+        ("numpy", ctypes.c_long),
+        ("urandom_fd", ctypes.c_long),
+        ("etc_hostname", ctypes.c_long),
+        ("refreshed", ctypes.c_long),
+        ("sandbox_id_len", ctypes.c_long),
+        ("sandbox_id", ctypes.c_char * 256),
+        ("material_len", ctypes.c_long),
+        ("material", ctypes.c_ubyte * 4096),
+    ]
+
+
+# Next to this file in the guest (the runtime's vm/_image.py puts it there when it could compile it).
+EARLY_LIBRARY = "forkd_vm_early.so"
+
+
+def native_early(fd: int, early: _Early, path: str | None = None):
+    """The C loop of _guest_early.c serving ``fd`` (``ping`` and the common
+    ``identity.refresh``) for answer_until_needed, or None where it was not built.
+
+    The parent is snapshotted inside it, so a child runs no Python until the
+    host asks for something else. What the C side did not do is done here as
+    soon as it returns, before any other Python can run: `random` seeded from
+    the refresh's entropy (numpy's seeding waits for the hand-over, as in
+    _refresh_early), the new sandbox id."""
+    path = path or os.path.join(os.path.dirname(os.path.abspath(__file__)), EARLY_LIBRARY)
+    if not os.path.exists(path):
+        return None
+    try:
+        serve = ctypes.CDLL(path).fk_early_serve  # the GIL is let go while it blocks
+    except (OSError, AttributeError) as exc:
+        print(f"forkd_vm_guest: {EARLY_LIBRARY}: {exc}", file=sys.stderr)
+        return None
+    serve.restype = ctypes.c_long
+    serve.argtypes = [ctypes.c_void_p]
+    buf = ctypes.create_string_buffer(65536)  # a bigger frame goes on through Python's reads
+    try:
+        # Open from here on (the children inherit it): the C side reseeds through it.
+        urandom = os.open("/dev/urandom", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        urandom = -1  # the refresh is then Python's, which reports why
+    state = _EarlyState(fd=fd, buf=ctypes.addressof(buf), cap=len(buf), urandom_fd=urandom)
+    sid_at = ctypes.addressof(state) + _EarlyState.sandbox_id.offset
+    broken = False
+
+    def run(pending: bytes) -> bytes | None:
+        nonlocal broken
+        sid = early.sandbox_id.encode()
+        if broken or len(sid) > _EarlyState.sandbox_id.size:
+            return None
+        if len(pending) >= len(buf):
+            return pending  # the rest of a big frame: Python reads it
+        ctypes.memmove(buf, pending, len(pending))
+        ctypes.memmove(sid_at, sid, len(sid))
+        state.sandbox_id_len = len(sid)
+        state.numpy = "numpy" in sys.modules
+        state.etc_hostname = os.getpid() == 1 and os.access("/etc/hostname", os.W_OK)
+        state.len = len(pending)
+        rc = serve(ctypes.byref(state))
+        if state.refreshed:
+            from forkd_agent import _identity
+
+            state.refreshed = 0
+            material = bytes(state.material[: state.material_len])
+            __import__("random").seed(_identity._derive(b"random", material))
+            if "numpy" in sys.modules:
+                early.material = material
+            early.sandbox_id = ctypes.string_at(sid_at, state.sandbox_id_len).decode()
+        broken = rc < 0  # the port failed: plain reads find out the rest
+        return buf.raw[: state.len]
+
+    return run
 
 
 # <linux/sockios.h>, <linux/if.h>, <linux/route.h>
@@ -380,7 +465,8 @@ def main(argv: list[str] | None = None) -> None:
         except OSError as exc:
             print(f"forkd_vm_guest: cannot open {args.port}: {exc}", file=sys.stderr)
             time.sleep(0.1)
-    initial = answer_until_needed(fd, early_answer(early, METHODS), wait_on_eof=True)
+    answer = early_answer(early, METHODS)
+    initial = answer_until_needed(fd, answer, wait_on_eof=True, native=native_early(fd, early))
     asyncio.run(serve_full(fd, args.port, initial, early))
 
 

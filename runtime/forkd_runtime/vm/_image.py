@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -37,6 +38,7 @@ from pathlib import Path
 import forkd
 import forkd_agent
 
+from .._native_build import build as native_build
 from .._templates import Template, TemplateError
 
 __all__ = ["VmImage", "build_image", "KERNEL_PIN", "BUSYBOX_PIN", "AGENT_PORT", "guest_lib_files"]
@@ -331,7 +333,25 @@ def guest_lib_files() -> list[tuple[str, bytes]]:
     for f in sorted(base.rglob("*.py")):
         files.append((f"forkd_agent/{f.relative_to(base)}", f.read_bytes()))
     files.append(("forkd_vm_guest.py", Path(__file__).with_name("_guest.py").read_bytes()))
+    native = _guest_early_library()
+    if native is not None:
+        files.append((GUEST_EARLY_LIBRARY, native))
     return files
+
+
+GUEST_EARLY_LIBRARY = "forkd_vm_early.so"
+
+
+@functools.cache
+def _guest_early_library() -> bytes | None:
+    """``_guest_early.c`` compiled (freestanding, so the template's C library does
+    not matter), or None without a compiler: the guest then answers its first
+    requests from Python (slower under TCG, otherwise the same)."""
+    with tempfile.TemporaryDirectory(prefix="forkd-early-") as tmp:
+        out = Path(tmp) / GUEST_EARLY_LIBRARY
+        if not native_build(Path(__file__).with_name("_guest_early.c"), out):
+            return None
+        return out.read_bytes()
 
 
 class _Cpio:
