@@ -54,6 +54,7 @@ from ._branch import Branching
 from ._parent import ParentBoot
 from ._pool import WarmPool
 from ._qemu import Machine, qemu_binary
+from ._qemu_libs import qemu_env
 from ._reconcile import Reconcile
 from ._snapshot_meta import SNAPSHOT_KEYS, LoadedSnapshot, SnapshotMismatch
 from ._snapshots import SnapshotCatalog
@@ -121,6 +122,7 @@ class VmBackend(
         self._loose_layers: set[Path] = set()
         self._accel = accel
         self.machine: Machine | None = None
+        self.qemu_env: dict[str, str] | None = None  # at start(): see _qemu_libs
         self.keep_snapshots = keep_snapshots
         self.progress = progress or (lambda m: log.info("%s", m))
         # Ours (created on the first internet child, torn down at close) unless given.
@@ -157,6 +159,7 @@ class VmBackend(
             raise SpawnError(f"another forkd VM runtime is using {self.state}")
         self._lock_fd = fd
         self.machine = await asyncio.to_thread(Machine.detect, memory_mb=self.memory_mb, accel=self._accel)
+        self.qemu_env = await asyncio.to_thread(qemu_env, qemu_binary(), self.vm_dir / "lib")
         await self.reconcile()
         self._idle.set()
         self._started = True

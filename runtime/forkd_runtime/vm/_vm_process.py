@@ -97,7 +97,7 @@ class VmProcess:
 
 class VmProcesses:
     """Starting and destroying QEMU processes (mixed into ``VmBackend``: uses its
-    ``run_root``, ``empty``, ``cgroups``, ``network`` and ``_vms``)."""
+    ``run_root``, ``empty``, ``qemu_env``, ``cgroups``, ``network`` and ``_vms``)."""
 
     async def _launch(
         self,
@@ -137,6 +137,7 @@ class VmProcesses:
                     stderr=logf,
                     preexec_fn=_qemu_preexec_mergeable if mergeable else _qemu_preexec,
                     cwd=self.empty,
+                    env=self.qemu_env,
                 )
         except BaseException:
             for sk in (q_ours, q_theirs, a_ours, a_theirs):

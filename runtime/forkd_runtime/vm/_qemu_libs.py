@@ -1,0 +1,76 @@
+"""The environment forkd's QEMU processes start with: libcapstone swapped for a
+stand-in that never disassembles (``_capstone_stub.c`` says why: ~1.3 MiB of
+private memory per QEMU process).
+
+The stand-in is used only when it provably serves this QEMU binary: built
+with the soname the binary asks for, and ``qemu -version`` then starts with
+every symbol bound at once (``LD_BIND_NOW``), so no missing entry point can
+surface later. Otherwise, or with ``FORKD_VM_CAPSTONE=real``, QEMU loads the
+real library. Snapshots do not depend on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from .._native_build import build as native_build
+
+__all__ = ["qemu_env", "capstone_stub"]
+
+log = logging.getLogger("forkd.runtime.vm")
+
+STUB_SOURCE = Path(__file__).with_name("_capstone_stub.c")
+_NEEDED = re.compile(rb"\0(libcapstone\.so\.\d+)\0")
+
+
+def _needed_capstone(binary: str) -> str | None:
+    """The capstone soname among the binary's strings (its DT_NEEDED entry), if any."""
+    try:
+        with open(binary, "rb") as f:
+            m = _NEEDED.search(f.read())
+    except OSError:
+        return None
+    return m.group(1).decode() if m else None
+
+
+def capstone_stub(binary: str, into: Path) -> Path | None:
+    """A directory holding the stand-in for ``binary``'s libcapstone (built once
+    into ``into``), or None: QEMU then loads the real one."""
+    if os.environ.get("FORKD_VM_CAPSTONE", "stub") == "real":
+        return None
+    soname = _needed_capstone(binary)
+    if soname is None:
+        return None
+    source = STUB_SOURCE.read_bytes()
+    d = into / hashlib.sha256(source + soname.encode()).hexdigest()[:12]
+    lib = d / soname
+    if not lib.is_file():
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{soname}.{os.getpid()}"
+        if not native_build(STUB_SOURCE, tmp, [f"-Wl,-soname,{soname}"]):
+            return None
+        os.replace(tmp, lib)
+    env = {**os.environ, "LD_LIBRARY_PATH": str(d), "LD_BIND_NOW": "1"}
+    try:
+        out = subprocess.run([binary, "-version"], env=env, capture_output=True, text=True, timeout=30)
+        why = "" if out.returncode == 0 and "QEMU emulator version" in out.stdout else out.stderr[-300:]
+    except (OSError, subprocess.SubprocessError) as exc:
+        why = str(exc)
+    if why:
+        log.warning("QEMU keeps the real %s: the stand-in does not serve it (%s)", soname, why.strip())
+        return None
+    return d
+
+
+def qemu_env(binary: str, into: Path) -> dict[str, str]:
+    """The environment to start ``binary`` with."""
+    env = dict(os.environ)
+    stub = capstone_stub(binary, into)
+    if stub is not None:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(stub), env.get("LD_LIBRARY_PATH")]))
+    return env
