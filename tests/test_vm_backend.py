@@ -8,6 +8,7 @@ disks) is built once into the template cache and reused across runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
@@ -527,3 +528,26 @@ async def test_internet_access_is_opt_in_and_isolated(vm, upstream):
             await vm.kill(c)
     assert not Path(f"/sys/class/net/{h.ifname}").exists(), "tap left behind"
     assert vm.network.handles() == []
+
+
+async def test_qemu_starts_directly_when_its_fork_server_is_gone(vm):
+    # Last in this module: the module's backend runs on without its fork server.
+    z = vm.qemu_zygote
+    if z is None:
+        pytest.skip("no QEMU fork server on this host")
+    kids = await vm.spawn(vm.snap, 1)
+    assert open(f"/proc/{kids[0].pid}/stat").read().split()[3] == str(z.proc.pid)  # forked by it
+    z.proc.kill()
+    for _ in range(100):
+        if z.closed:
+            break
+        await asyncio.sleep(0.05)
+    assert z.closed
+    kids += await vm.spawn(vm.snap, 3)  # more than the pool held: new QEMU processes
+    assert any(open(f"/proc/{k.pid}/stat").read().split()[3] == str(os.getpid()) for k in kids)
+    for k in kids:
+        assert (await run(k, "echo up"))[1] == "up\n"
+        await vm.kill(k)
+        # Gone (a zombie at most, if its server is gone and nothing reaps orphans here).
+        with contextlib.suppress(FileNotFoundError):
+            assert open(f"/proc/{k.pid}/stat").read().split()[2] == "Z"

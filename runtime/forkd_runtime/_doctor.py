@@ -27,10 +27,16 @@ def _kvm() -> dict:
 
 def _qemu() -> dict:
     from .vm._qemu import QemuError, qemu_binary, qemu_version
+    from .vm._qemu_libs import capstone_plan
 
     try:
         binary = qemu_binary()
-        return {"installed": True, "binary": binary, "version": qemu_version(binary)}
+        return {
+            "installed": True,
+            "binary": binary,
+            "version": qemu_version(binary),
+            "capstone": capstone_plan(binary),
+        }
     except (QemuError, OSError, subprocess.SubprocessError) as exc:
         return {"installed": False, "error": str(exc)}
 

@@ -1,7 +1,7 @@
 """Compile forkd's freestanding C helpers: the zygote's native fork path
 (guest_agent/forkd_agent/_forkcore.c), the VM guest's early loop
-(vm/_guest_early.c) and the stand-in for QEMU's disassembler library
-(vm/_capstone_stub.c).
+(vm/_guest_early.c), the stand-in for QEMU's disassembler library
+(vm/_capstone_stub.c) and the QEMU fork server (vm/_qemu_zygote.c).
 
 Built with the host's C compiler (into forkd's per-zygote code copy, or into a
 VM image); a host without one (or a non-x86_64 host) gets no library and the
@@ -28,9 +28,14 @@ CFLAGS = [
 ]  # fmt: skip
 
 
-def build(source: Path, output: Path, extra: Sequence[str] = ()) -> bool:
-    """Compile ``source`` to ``output`` (``extra``: more compiler arguments);
-    False (and a warning) when it cannot be done here."""
+# Linked against the host's C library: code that only ever runs in host processes.
+HOSTED_CFLAGS = ["-O2", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror"]
+
+
+def build(source: Path, output: Path, extra: Sequence[str] = (), *, hosted: bool = False) -> bool:
+    """Compile ``source`` to ``output`` (``extra``: more compiler arguments;
+    ``hosted``: with the host's C library); False (and a warning) when it
+    cannot be done here."""
     if os.environ.get("FORKD_NATIVE_FORK", "1") == "0":
         return False
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -41,7 +46,7 @@ def build(source: Path, output: Path, extra: Sequence[str] = ()) -> bool:
         return False
     try:
         subprocess.run(
-            [cc, *CFLAGS, *extra, "-o", str(output), str(source)],
+            [cc, *(HOSTED_CFLAGS if hosted else CFLAGS), *extra, "-o", str(output), str(source)],
             check=True,
             capture_output=True,
             timeout=120,

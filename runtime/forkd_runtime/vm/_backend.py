@@ -55,6 +55,8 @@ from ._parent import ParentBoot
 from ._pool import WarmPool
 from ._qemu import Machine, qemu_binary
 from ._qemu_libs import qemu_env
+from ._qemu_zygote import QemuZygote, ZygoteError
+from ._qemu_zygote import library as zygote_library
 from ._reconcile import Reconcile
 from ._snapshot_meta import SNAPSHOT_KEYS, LoadedSnapshot, SnapshotMismatch
 from ._snapshots import SnapshotCatalog
@@ -123,6 +125,7 @@ class VmBackend(
         self._accel = accel
         self.machine: Machine | None = None
         self.qemu_env: dict[str, str] | None = None  # at start(): see _qemu_libs
+        self.qemu_zygote: QemuZygote | None = None  # at start(): see _qemu_zygote
         self.keep_snapshots = keep_snapshots
         self.progress = progress or (lambda m: log.info("%s", m))
         # Ours (created on the first internet child, torn down at close) unless given.
@@ -161,8 +164,25 @@ class VmBackend(
         self.machine = await asyncio.to_thread(Machine.detect, memory_mb=self.memory_mb, accel=self._accel)
         self.qemu_env = await asyncio.to_thread(qemu_env, qemu_binary(), self.vm_dir / "lib")
         await self.reconcile()
+        self.qemu_zygote = await self._start_zygote()
         self._idle.set()
         self._started = True
+
+    async def _start_zygote(self) -> QemuZygote | None:
+        """The QEMU fork server, or None (QEMU then starts directly)."""
+        if not _env_flag("FORKD_VM_QEMU_ZYGOTE", True):
+            return None
+        lib = await asyncio.to_thread(zygote_library, self.vm_dir / "lib")
+        if lib is None:
+            return None
+        assert self.qemu_env is not None
+        zygote = QemuZygote(qemu_binary(), self.qemu_env, lib, self.empty, self.vm_dir / "qemu-zygote.log")
+        try:
+            await zygote.start()
+        except ZygoteError as exc:
+            log.warning("%s: starting QEMU directly", exc)
+            return None
+        return zygote
 
     async def close(self) -> None:
         for s in self._snaps.values():
@@ -173,6 +193,9 @@ class VmBackend(
                     await s.filling
         await asyncio.gather(*(self.kill(c) for c in list(self._children.values())), return_exceptions=True)
         await asyncio.gather(*(self._destroy(vm) for vm in list(self._vms)), return_exceptions=True)
+        if self.qemu_zygote is not None:
+            self.qemu_zygote.close()
+            self.qemu_zygote = None
         if self._own_network and self.network is not None:
             await self.network.teardown()
             self.network = None
@@ -337,9 +360,11 @@ class VmBackend(
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _env_flag(name: str) -> bool:
+def _env_flag(name: str, default: bool = False) -> bool:
     value = os.environ.get(name, "").strip().lower()
-    if value in ("", "0", "no", "off", "false"):
+    if value == "":
+        return default
+    if value in ("0", "no", "off", "false"):
         return False
     if value in ("1", "yes", "on", "true"):
         return True

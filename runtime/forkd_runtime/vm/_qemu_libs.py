@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .._native_build import build as native_build
 
-__all__ = ["qemu_env", "capstone_stub"]
+__all__ = ["qemu_env", "capstone_plan", "capstone_stub"]
 
 log = logging.getLogger("forkd.runtime.vm")
 
@@ -36,6 +36,16 @@ def _needed_capstone(binary: str) -> str | None:
     except OSError:
         return None
     return m.group(1).decode() if m else None
+
+
+def capstone_plan(binary: str) -> str:
+    """What the VM backend does about ``binary``'s libcapstone (for ``forkd doctor``)."""
+    soname = _needed_capstone(binary)
+    if soname is None:
+        return "not linked"
+    if os.environ.get("FORKD_VM_CAPSTONE", "stub") == "real":
+        return f"{soname}: the real one (FORKD_VM_CAPSTONE=real)"
+    return f"{soname}: a stand-in that never disassembles, if it builds here (FORKD_VM_CAPSTONE=real: the real one)"
 
 
 def capstone_stub(binary: str, into: Path) -> Path | None:

@@ -24,6 +24,7 @@ from .._cgroups import Cgroup
 from .._network import NetHandle
 from ._channel import AgentChannel
 from ._ksm import mark_mergeable, process_stat
+from ._qemu_zygote import ForkedQemu, ZygoteError
 from ._qmp import Qmp
 from ._vm_limits import with_overhead
 
@@ -63,7 +64,7 @@ class VmProcess:
 
     id: str
     run: Path
-    proc: subprocess.Popen
+    proc: subprocess.Popen | ForkedQemu
     pidfd: int
     qmp: Qmp
     agent_sock: socket.socket
@@ -97,7 +98,8 @@ class VmProcess:
 
 class VmProcesses:
     """Starting and destroying QEMU processes (mixed into ``VmBackend``: uses its
-    ``run_root``, ``empty``, ``qemu_env``, ``cgroups``, ``network`` and ``_vms``)."""
+    ``run_root``, ``empty``, ``qemu_env``, ``qemu_zygote``, ``cgroups``, ``network``
+    and ``_vms``)."""
 
     async def _launch(
         self,
@@ -128,17 +130,9 @@ class VmProcesses:
                 fcntl.fcntl(state_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
                 os.set_blocking(state_w, False)
                 fds.append(state_r)
+            argv = build(q_theirs.fileno(), a_theirs.fileno())
             with open(run / "qemu.log", "wb") as logf:
-                proc = subprocess.Popen(
-                    build(q_theirs.fileno(), a_theirs.fileno()),
-                    pass_fds=fds,
-                    stdin=subprocess.DEVNULL,
-                    stdout=logf,
-                    stderr=logf,
-                    preexec_fn=_qemu_preexec_mergeable if mergeable else _qemu_preexec,
-                    cwd=self.empty,
-                    env=self.qemu_env,
-                )
+                proc, pidfd = await self._start_qemu(argv, fds, logf.fileno(), mergeable)
         except BaseException:
             for sk in (q_ours, q_theirs, a_ours, a_theirs):
                 sk.close()
@@ -153,7 +147,6 @@ class VmProcesses:
         (run / "pid").write_text(f"{proc.pid} {start_time(proc.pid)}\n")
         if mergeable:
             _check_mergeable(proc.pid)
-        pidfd = os.pidfd_open(proc.pid)
         loop = asyncio.get_running_loop()
         vm = VmProcess(
             id=vid, run=run, proc=proc, pidfd=pidfd, qmp=Qmp(vid), agent_sock=a_ours, state_w=state_w
@@ -173,6 +166,40 @@ class VmProcesses:
             await self._destroy(vm)
             raise
         return vm
+
+    async def _start_qemu(
+        self, argv: list[str], fds: list[int], logfd: int, mergeable: bool
+    ) -> tuple[subprocess.Popen | ForkedQemu, int]:
+        """A QEMU process running ``argv`` with ``fds`` at the same numbers and
+        its output to ``logfd``, in an empty network namespace, without
+        transparent huge pages: forked by the fork server when there is one,
+        else started directly. (process, pidfd)."""
+        zygote = self.qemu_zygote
+        if zygote is not None and not zygote.closed:
+            with open(os.devnull, "rb") as null:
+                try:
+                    return await zygote.spawn(
+                        argv,
+                        {0: null.fileno(), 1: logfd, 2: logfd, **{fd: fd for fd in fds}},
+                        self.empty,
+                        newnet=True,
+                        no_thp=True,
+                        mergeable=mergeable,
+                    )
+                except ZygoteError as exc:
+                    log.warning("QEMU fork server: %s; starting QEMU directly from now on", exc)
+                    zygote.close()
+        proc = subprocess.Popen(
+            argv,
+            pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+            stdout=logfd,
+            stderr=logfd,
+            preexec_fn=_qemu_preexec_mergeable if mergeable else _qemu_preexec,
+            cwd=self.empty,
+            env=self.qemu_env,
+        )
+        return proc, os.pidfd_open(proc.pid)
 
     def _on_exit(self, vm: VmProcess) -> None:
         asyncio.get_running_loop().remove_reader(vm.pidfd)
@@ -207,6 +234,8 @@ class VmProcesses:
                 log.error("QEMU %s (pid %d) did not exit within 10 s of SIGKILL", vm.id, vm.pid)
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(vm.pidfd)
+        if isinstance(vm.proc, ForkedQemu):
+            await vm.proc.wait_status(2.0)  # reaped by the fork server, which tells us
         vm.proc.poll()
         if vm.net is not None and self.network is not None:
             # After QEMU is gone: its address is never reused while it could still send.
