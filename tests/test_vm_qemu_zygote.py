@@ -61,11 +61,12 @@ async def test_a_forked_qemu_gets_its_argv_fds_namespace_and_directory(zygote, t
     log = tmp_path / "child.log"
     ours, theirs = socket.socketpair()
     with open(log, "wb") as logf, open(os.devnull, "rb") as null:
-        # QMP on an inherited socket at a number of our choosing, as the backend does.
-        argv = [*IDLE, "-chardev", "socket,id=qmp,fd=41", "-mon", "chardev=qmp,mode=control"]
+        # QMP on an inherited socket at a number of our choosing (a runtime with
+        # hundreds of VMs has fds numbered that high), as the backend does.
+        argv = [*IDLE, "-chardev", "socket,id=qmp,fd=700", "-mon", "chardev=qmp,mode=control"]
         proc, pidfd = await zygote.spawn(
             argv,
-            {0: null.fileno(), 1: logf.fileno(), 2: logf.fileno(), 41: theirs.fileno()},
+            {0: null.fileno(), 1: logf.fileno(), 2: logf.fileno(), 700: theirs.fileno()},
             tmp_path / "cwd",
             newnet=True,
             no_thp=True,
@@ -79,7 +80,7 @@ async def test_a_forked_qemu_gets_its_argv_fds_namespace_and_directory(zygote, t
         assert os.readlink(f"/proc/{proc.pid}/ns/net") != os.readlink("/proc/self/ns/net")
         with open(f"/proc/{proc.pid}/status") as f:
             assert "THP_enabled:\t0" in f.read()
-        assert os.readlink(f"/proc/{proc.pid}/fd/41").startswith("socket:")
+        assert os.readlink(f"/proc/{proc.pid}/fd/700").startswith("socket:")
         assert os.readlink(f"/proc/{proc.pid}/fd/1") == str(log)
         assert open(f"/proc/{proc.pid}/cmdline", "rb").read().split(b"\0")[:2] == [QEMU.encode(), b"-M"]
         assert proc.poll() is None
@@ -156,3 +157,15 @@ async def test_the_server_ends_with_its_runtime_socket(tmp_path):
     while proc.poll() is None and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert proc.poll() == 0
+
+
+async def test_a_request_it_cannot_serve_leaves_the_server_running(zygote, tmp_path):
+    with pytest.raises(ZygoteError) as err:
+        await zygote.spawn(
+            IDLE, {i: 0 for i in range(17)}, tmp_path, newnet=False, no_thp=False, mergeable=False
+        )
+    assert not err.value.server_gone and not zygote.closed
+    proc, pidfd = await zygote.spawn(IDLE, {}, tmp_path, newnet=False, no_thp=False, mergeable=False)
+    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    await _exited(pidfd)
+    os.close(pidfd)

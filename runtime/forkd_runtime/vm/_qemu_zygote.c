@@ -45,7 +45,7 @@
 
 #define EXPORT __attribute__((visibility("default")))
 
-enum { MAX_FDS = 16, MAX_ARGS = 512, MAX_TARGET = 256, MSG_SIZE = 65536 };
+enum { MAX_FDS = 16, MAX_ARGS = 512, MAX_TARGET = 1 << 20, MSG_SIZE = 65536 };
 enum { FLAG_NEWNET = 1, FLAG_NO_THP = 2, FLAG_MERGEABLE = 4 };
 enum { EV_READY = 0, EV_SPAWNED = 1, EV_EXITED = 2 };
 #define MAGIC 0x6b71657aU /* "zeqk" */
@@ -91,17 +91,18 @@ static void send_event(int sock, int type, int pid, int value, int fd) {
 
 /* In the child: the sent fds at their targets, nothing else open above stderr. */
 static int place_fds(const int *fds, const int *target, unsigned n) {
-    int moved[MAX_FDS];
+    int moved[MAX_FDS], top = 2;
+    for (unsigned i = 0; i < n; i++) top = target[i] > top ? target[i] : top;
     for (unsigned i = 0; i < n; i++) /* out of the way of every target first */
-        if ((moved[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, MAX_TARGET)) < 0) return -1;
+        if ((moved[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, top + 1)) < 0) return -1;
     for (unsigned i = 0; i < n; i++)
         if (dup2(moved[i], target[i]) < 0) return -1; /* the copy at the target is inheritable */
-    for (int fd = 0; fd < MAX_TARGET; fd++) {
+    for (int fd = 3; fd <= top; fd++) {
         int keep = 0;
         for (unsigned i = 0; i < n; i++) keep |= target[i] == fd;
-        if (!keep && fd > 2) close(fd);
+        if (!keep) close(fd);
     }
-    syscall(SYS_close_range, MAX_TARGET, ~0U, 0);
+    syscall(SYS_close_range, top + 1, ~0U, 0);
     return 0;
 }
 

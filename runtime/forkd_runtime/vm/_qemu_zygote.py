@@ -33,7 +33,7 @@ log = logging.getLogger("forkd.runtime.vm")
 SOURCE = Path(__file__).with_name("_qemu_zygote.c")
 MAGIC = 0x6B71657A
 MAX_FDS = 16
-MAX_TARGET = 256
+MAX_TARGET = 1 << 20  # _qemu_zygote.c: a sanity bound on fd numbers
 FLAG_NEWNET, FLAG_NO_THP, FLAG_MERGEABLE = 1, 2, 4
 EV_READY, EV_SPAWNED, EV_EXITED = 0, 1, 2
 _EVENT = struct.Struct("=iii")
@@ -42,7 +42,11 @@ READY_TIMEOUT = 20.0
 
 
 class ZygoteError(Exception):
-    pass
+    """A QEMU the server could not fork; ``server_gone``: nor will it fork any more."""
+
+    def __init__(self, message: str, server_gone: bool = True) -> None:
+        super().__init__(message)
+        self.server_gone = server_gone
 
 
 class ForkedQemu:
@@ -155,7 +159,7 @@ class QemuZygote:
                         os.close(pidfd)
                     continue
                 if pid <= 0:
-                    fut.set_exception(ZygoteError(f"fork failed: {os.strerror(value)}"))
+                    fut.set_exception(ZygoteError(f"fork failed: {os.strerror(value)}", server_gone=False))
                 else:
                     child = self._children.setdefault(pid, ForkedQemu(pid))
                     fut.set_result((child, pidfd))
@@ -184,7 +188,7 @@ class QemuZygote:
         if self.closed or self._sock is None:
             raise ZygoteError("the QEMU fork server is closed")
         if len(fds) > MAX_FDS or any(not 0 <= t < MAX_TARGET for t in fds):
-            raise ZygoteError(f"at most {MAX_FDS} fds, numbered below {MAX_TARGET}")
+            raise ZygoteError(f"at most {MAX_FDS} fds, numbered below {MAX_TARGET}", server_gone=False)
         targets = list(fds)
         flags = (FLAG_NEWNET if newnet else 0) | (FLAG_NO_THP if no_thp else 0)
         flags |= FLAG_MERGEABLE if mergeable else 0

@@ -187,8 +187,11 @@ class VmProcesses:
                         mergeable=mergeable,
                     )
                 except ZygoteError as exc:
-                    log.warning("QEMU fork server: %s; starting QEMU directly from now on", exc)
-                    zygote.close()
+                    if exc.server_gone:
+                        log.warning("QEMU fork server: %s; starting QEMU directly from now on", exc)
+                        zygote.close()
+                    else:
+                        log.warning("QEMU fork server: %s; starting this QEMU directly", exc)
         proc = subprocess.Popen(
             argv,
             pass_fds=fds,
