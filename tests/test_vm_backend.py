@@ -530,24 +530,36 @@ async def test_internet_access_is_opt_in_and_isolated(vm, upstream):
     assert vm.network.handles() == []
 
 
-async def test_qemu_starts_directly_when_its_fork_server_is_gone(vm):
+def _ppid(pid: int) -> int:
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+
+
+async def test_qemu_fork_servers_rotate_and_qemu_starts_directly_without_one(vm):
     # Last in this module: the module's backend runs on without its fork server.
+    from forkd_runtime.vm._qemu_zygote import FORKS_PER_SERVER
+
     z = vm.qemu_zygote
     if z is None:
         pytest.skip("no QEMU fork server on this host")
-    kids = await vm.spawn(vm.snap, 1)
-    assert open(f"/proc/{kids[0].pid}/stat").read().split()[3] == str(z.proc.pid)  # forked by it
-    z.proc.kill()
-    for _ in range(100):
-        if z.closed:
-            break
-        await asyncio.sleep(0.05)
-    assert z.closed
-    kids += await vm.spawn(vm.snap, 3)  # more than the pool held: new QEMU processes
-    assert any(open(f"/proc/{k.pid}/stat").read().split()[3] == str(os.getpid()) for k in kids)
+    [first] = await vm.spawn(vm.snap, 1)
+    # A new server (a new address-space layout) every FORKS_PER_SERVER QEMU processes.
+    z.forks = FORKS_PER_SERVER
+    kids = [first, *await vm.spawn(vm.snap, 3)]  # more than the pool held: new QEMU processes
+    assert vm.qemu_zygote is not z and z.retired and not z.closed  # it still has children
+    assert _ppid(kids[-1].pid) == vm.qemu_zygote.proc.pid
+    # A server that dies is replaced at the next QEMU process.
+    vm.qemu_zygote.proc.kill()
+    kids += await vm.spawn(vm.snap, 3)
+    assert vm.qemu_zygote is not None and _ppid(kids[-1].pid) == vm.qemu_zygote.proc.pid
+    # Without one (turned off, or it cannot start here), QEMU starts directly.
+    vm.qemu_zygote.close()
+    vm._zygote_wanted = False
+    kids += await vm.spawn(vm.snap, 3)
+    assert _ppid(kids[-1].pid) == os.getpid()
     for k in kids:
         assert (await run(k, "echo up"))[1] == "up\n"
         await vm.kill(k)
         # Gone (a zombie at most, if its server is gone and nothing reaps orphans here).
         with contextlib.suppress(FileNotFoundError):
-            assert open(f"/proc/{k.pid}/stat").read().split()[2] == "Z"
+            assert open(f"/proc/{k.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    assert z.closed  # the retired server ended with its last child

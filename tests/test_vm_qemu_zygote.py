@@ -169,3 +169,17 @@ async def test_a_request_it_cannot_serve_leaves_the_server_running(zygote, tmp_p
     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     await _exited(pidfd)
     os.close(pidfd)
+
+
+async def test_a_retired_server_ends_with_its_last_child(zygote, tmp_path):
+    proc, pidfd = await zygote.spawn(IDLE, {}, tmp_path, newnet=False, no_thp=False, mergeable=False)
+    zygote.retire()
+    assert not zygote.closed and zygote.proc.poll() is None  # it still reports for its child
+    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    os.close(pidfd)
+    assert await proc.wait_status(10) == -signal.SIGKILL
+    for _ in range(100):
+        if zygote.closed:
+            break
+        await asyncio.sleep(0.05)
+    assert zygote.closed and zygote.proc.wait(5) is not None

@@ -55,7 +55,7 @@ from ._parent import ParentBoot
 from ._pool import WarmPool
 from ._qemu import Machine, qemu_binary
 from ._qemu_libs import qemu_env
-from ._qemu_zygote import QemuZygote, ZygoteError
+from ._qemu_zygote import FORKS_PER_SERVER, QemuZygote, ZygoteError
 from ._qemu_zygote import library as zygote_library
 from ._reconcile import Reconcile
 from ._snapshot_meta import SNAPSHOT_KEYS, LoadedSnapshot, SnapshotMismatch
@@ -125,7 +125,12 @@ class VmBackend(
         self._accel = accel
         self.machine: Machine | None = None
         self.qemu_env: dict[str, str] | None = None  # at start(): see _qemu_libs
-        self.qemu_zygote: QemuZygote | None = None  # at start(): see _qemu_zygote
+        # The QEMU fork server (see _qemu_zygote), started on first use; retired
+        # ones live on until their last child is reaped.
+        self.qemu_zygote: QemuZygote | None = None
+        self._retired_zygotes: list[QemuZygote] = []
+        self._zygote_wanted = True
+        self._zygote_lock = asyncio.Lock()
         self.keep_snapshots = keep_snapshots
         self.progress = progress or (lambda m: log.info("%s", m))
         # Ours (created on the first internet child, torn down at close) unless given.
@@ -164,25 +169,41 @@ class VmBackend(
         self.machine = await asyncio.to_thread(Machine.detect, memory_mb=self.memory_mb, accel=self._accel)
         self.qemu_env = await asyncio.to_thread(qemu_env, qemu_binary(), self.vm_dir / "lib")
         await self.reconcile()
-        self.qemu_zygote = await self._start_zygote()
+        self._zygote_wanted = _env_flag("FORKD_VM_QEMU_ZYGOTE", True)
         self._idle.set()
         self._started = True
 
-    async def _start_zygote(self) -> QemuZygote | None:
-        """The QEMU fork server, or None (QEMU then starts directly)."""
-        if not _env_flag("FORKD_VM_QEMU_ZYGOTE", True):
+    async def _fork_server(self) -> QemuZygote | None:
+        """The QEMU fork server for the next QEMU process: a new one after
+        ``FORKS_PER_SERVER`` forks or when the last one died; None (start QEMU
+        directly) when it is turned off or cannot be built or started here."""
+        z = self.qemu_zygote
+        if z is not None and not z.closed and z.forks < FORKS_PER_SERVER:
+            return z
+        if not self._zygote_wanted:
             return None
-        lib = await asyncio.to_thread(zygote_library, self.vm_dir / "lib")
-        if lib is None:
-            return None
-        assert self.qemu_env is not None
-        zygote = QemuZygote(qemu_binary(), self.qemu_env, lib, self.empty, self.vm_dir / "qemu-zygote.log")
-        try:
-            await zygote.start()
-        except ZygoteError as exc:
-            log.warning("%s: starting QEMU directly", exc)
-            return None
-        return zygote
+        async with self._zygote_lock:
+            z = self.qemu_zygote
+            if z is not None and not z.closed and z.forks < FORKS_PER_SERVER:
+                return z
+            if z is not None:
+                z.retire()
+                self._retired_zygotes = [r for r in self._retired_zygotes if not r.closed] + [z]
+                self.qemu_zygote = None
+            lib = await asyncio.to_thread(zygote_library, self.vm_dir / "lib")
+            if lib is None:
+                self._zygote_wanted = False
+                return None
+            assert self.qemu_env is not None
+            z = QemuZygote(qemu_binary(), self.qemu_env, lib, self.empty, self.vm_dir / "qemu-zygote.log")
+            try:
+                await z.start()
+            except ZygoteError as exc:
+                log.warning("%s: starting QEMU directly from now on", exc)
+                self._zygote_wanted = False
+                return None
+            self.qemu_zygote = z
+            return z
 
     async def close(self) -> None:
         for s in self._snaps.values():
@@ -193,9 +214,10 @@ class VmBackend(
                     await s.filling
         await asyncio.gather(*(self.kill(c) for c in list(self._children.values())), return_exceptions=True)
         await asyncio.gather(*(self._destroy(vm) for vm in list(self._vms)), return_exceptions=True)
-        if self.qemu_zygote is not None:
-            self.qemu_zygote.close()
-            self.qemu_zygote = None
+        for z in [self.qemu_zygote, *self._retired_zygotes]:
+            if z is not None:
+                z.close()
+        self.qemu_zygote, self._retired_zygotes = None, []
         if self._own_network and self.network is not None:
             await self.network.teardown()
             self.network = None

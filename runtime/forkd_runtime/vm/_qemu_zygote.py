@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .._native_build import build as native_build
 
-__all__ = ["ForkedQemu", "QemuZygote", "ZygoteError"]
+__all__ = ["FORKS_PER_SERVER", "ForkedQemu", "QemuZygote", "ZygoteError"]
 
 log = logging.getLogger("forkd.runtime.vm")
 
@@ -39,6 +39,11 @@ EV_READY, EV_SPAWNED, EV_EXITED = 0, 1, 2
 _EVENT = struct.Struct("=iii")
 _REQUEST = struct.Struct(f"=IIII{MAX_FDS}i")
 READY_TIMEOUT = 20.0
+# Forked processes share their parent's address-space layout, so the children of
+# one server share one ASLR layout: a fresh server (a new exec, a new layout) every
+# this many QEMU processes bounds how many sandboxes a leaked address is valid in,
+# for ~1/this of the memory the server saves.
+FORKS_PER_SERVER = 32
 
 
 class ZygoteError(Exception):
@@ -66,7 +71,8 @@ class ForkedQemu:
         self._ended.set()
 
     async def wait_status(self, timeout: float) -> int | None:
-        """The exit status, once the server has reaped it (None after ``timeout``)."""
+        """The exit status, once the server has reaped it (None after ``timeout``,
+        or at once if its server is gone: nobody will tell)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ended.wait(), timeout)
         return self.returncode
@@ -101,6 +107,8 @@ class QemuZygote:
         self._ready: asyncio.Future | None = None
         self._replies: deque[asyncio.Future] = deque()
         self._children: dict[int, ForkedQemu] = {}
+        self.forks = 0
+        self.retired = False
         self._lock = asyncio.Lock()
         self.closed = False
 
@@ -167,6 +175,9 @@ class QemuZygote:
                 child = self._children.pop(pid, None)
                 if child is not None:
                     child._exited(value)
+                if self.retired and not self._children:
+                    self.close()
+                    return
             for fd in fds[1:] if kind == EV_SPAWNED else fds:
                 os.close(fd)
 
@@ -202,13 +213,22 @@ class QemuZygote:
                 self._fail(f"a request could not be sent: {exc}")
                 raise ZygoteError(str(exc)) from None
             self._replies.append(fut)
+            self.forks += 1
         return await asyncio.wait_for(fut, READY_TIMEOUT)
+
+    def retire(self) -> None:
+        """No more forks; stop once the last child has been reaped."""
+        self.retired = True
+        if not self._children and not self._replies:
+            self.close()
 
     def close(self) -> None:
         """Stop the server (its QEMU children live on: the runtime kills those)."""
         if self.closed:
             return
         self.closed = True
+        for child in self._children.values():
+            child._ended.set()  # their status will not come
         if self._sock is not None:
             with contextlib.suppress(ValueError, OSError, RuntimeError):
                 asyncio.get_running_loop().remove_reader(self._sock.fileno())

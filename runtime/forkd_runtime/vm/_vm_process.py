@@ -98,7 +98,7 @@ class VmProcess:
 
 class VmProcesses:
     """Starting and destroying QEMU processes (mixed into ``VmBackend``: uses its
-    ``run_root``, ``empty``, ``qemu_env``, ``qemu_zygote``, ``cgroups``, ``network``
+    ``run_root``, ``empty``, ``qemu_env``, ``_fork_server``, ``cgroups``, ``network``
     and ``_vms``)."""
 
     async def _launch(
@@ -174,8 +174,8 @@ class VmProcesses:
         its output to ``logfd``, in an empty network namespace, without
         transparent huge pages: forked by the fork server when there is one,
         else started directly. (process, pidfd)."""
-        zygote = self.qemu_zygote
-        if zygote is not None and not zygote.closed:
+        zygote = await self._fork_server()
+        if zygote is not None:
             with open(os.devnull, "rb") as null:
                 try:
                     return await zygote.spawn(
@@ -188,8 +188,8 @@ class VmProcesses:
                     )
                 except ZygoteError as exc:
                     if exc.server_gone:
-                        log.warning("QEMU fork server: %s; starting QEMU directly from now on", exc)
-                        zygote.close()
+                        log.warning("QEMU fork server: %s; starting this QEMU directly", exc)
+                        zygote.close()  # the next QEMU gets a new server
                     else:
                         log.warning("QEMU fork server: %s; starting this QEMU directly", exc)
         proc = subprocess.Popen(
