@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -163,7 +164,10 @@ class QemuZygote:
                 fut = self._replies.popleft() if self._replies else None
                 pidfd = fds[0] if fds else -1
                 if fut is None or fut.done():
+                    # Its request was given up (timed out, cancelled): nobody will run this QEMU.
                     if pidfd >= 0:
+                        with contextlib.suppress(OSError):
+                            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                         os.close(pidfd)
                     continue
                 if pid <= 0:
@@ -205,16 +209,39 @@ class QemuZygote:
         flags |= FLAG_MERGEABLE if mergeable else 0
         head = _REQUEST.pack(MAGIC, flags, len(fds), len(argv), *targets, *[0] * (MAX_FDS - len(fds)))
         body = head + b"".join(s.encode() + b"\0" for s in [str(cwd), *argv])
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         async with self._lock:  # a request and its place in the reply queue together
-            try:
-                socket.send_fds(self._sock, [body], [fds[t] for t in targets])
-            except OSError as exc:
-                self._fail(f"a request could not be sent: {exc}")
-                raise ZygoteError(str(exc)) from None
+            while True:
+                try:
+                    socket.send_fds(self._sock, [body], [fds[t] for t in targets])
+                    break
+                except BlockingIOError:
+                    try:
+                        await self._writable(loop)  # the server is behind: wait, in order
+                    except TimeoutError:
+                        self._fail("it stopped reading requests")
+                        raise ZygoteError("the QEMU fork server stopped reading requests") from None
+                except OSError as exc:
+                    self._fail(f"a request could not be sent: {exc}")
+                    raise ZygoteError(str(exc)) from None
             self._replies.append(fut)
             self.forks += 1
-        return await asyncio.wait_for(fut, READY_TIMEOUT)
+        try:
+            return await asyncio.wait_for(fut, READY_TIMEOUT)
+        except TimeoutError:
+            self._fail(f"no answer to a fork request within {READY_TIMEOUT:.0f} s")
+            raise ZygoteError(f"the QEMU fork server did not answer within {READY_TIMEOUT:.0f} s") from None
+
+    async def _writable(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self._sock is not None
+        ready = loop.create_future()
+        fd = self._sock.fileno()
+        loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
+        try:
+            await asyncio.wait_for(ready, READY_TIMEOUT)
+        finally:
+            loop.remove_writer(fd)
 
     def retire(self) -> None:
         """No more forks; stop once the last child has been reaped."""
