@@ -11,6 +11,7 @@ Python version of the same path runs instead: slower, otherwise the same.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
@@ -56,3 +57,21 @@ def build(source: Path, output: Path, extra: Sequence[str] = (), *, hosted: bool
         log.warning("cannot build %s: %s %s", source.name, exc, err.decode(errors="replace")[-500:])
         return False
     return True
+
+
+def build_cached(
+    source: Path, into: Path, name: str, extra: Sequence[str] = (), *, hosted: bool = False
+) -> Path | None:
+    """``source`` built as ``into/<digest>/name`` once per source and arguments
+    (the digest names the build), or None when it cannot be built here.
+    Written aside and renamed, so concurrent runtimes never load half a file."""
+    key = source.read_bytes() + "\0".join([name, *extra, str(hosted)]).encode()
+    out = into / hashlib.sha256(key).hexdigest()[:12] / name
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{name}.{os.getpid()}")
+    if not build(source, tmp, extra, hosted=hosted):
+        return None
+    os.replace(tmp, out)
+    return out

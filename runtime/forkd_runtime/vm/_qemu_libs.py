@@ -11,14 +11,13 @@ real library. Snapshots do not depend on it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
 import subprocess
 from pathlib import Path
 
-from .._native_build import build as native_build
+from .._native_build import build_cached
 
 __all__ = ["qemu_env", "capstone_plan", "capstone_stub"]
 
@@ -56,15 +55,10 @@ def capstone_stub(binary: str, into: Path) -> Path | None:
     soname = _needed_capstone(binary)
     if soname is None:
         return None
-    source = STUB_SOURCE.read_bytes()
-    d = into / hashlib.sha256(source + soname.encode()).hexdigest()[:12]
-    lib = d / soname
-    if not lib.is_file():
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".{soname}.{os.getpid()}"
-        if not native_build(STUB_SOURCE, tmp, [f"-Wl,-soname,{soname}"]):
-            return None
-        os.replace(tmp, lib)
+    lib = build_cached(STUB_SOURCE, into, soname, [f"-Wl,-soname,{soname}"])
+    if lib is None:
+        return None
+    d = lib.parent
     env = {**os.environ, "LD_LIBRARY_PATH": str(d), "LD_BIND_NOW": "1"}
     try:
         out = subprocess.run([binary, "-version"], env=env, capture_output=True, text=True, timeout=30)

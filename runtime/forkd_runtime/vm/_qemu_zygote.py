@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import signal
@@ -25,7 +24,7 @@ import subprocess
 from collections import deque
 from pathlib import Path
 
-from .._native_build import build as native_build
+from .._native_build import build_cached
 
 __all__ = ["FORKS_PER_SERVER", "ForkedQemu", "QemuZygote", "ZygoteError"]
 
@@ -85,15 +84,7 @@ def _returncode(status: int) -> int:
 
 def library(into: Path) -> Path | None:
     """``_qemu_zygote.c`` built into ``into`` (once per source), or None."""
-    source = SOURCE.read_bytes()
-    lib = into / f"libforkd_qemu_zygote-{hashlib.sha256(source).hexdigest()[:12]}.so"
-    if not lib.is_file():
-        into.mkdir(parents=True, exist_ok=True)
-        tmp = lib.with_name(f".{lib.name}.{os.getpid()}")
-        if not native_build(SOURCE, tmp, hosted=True):
-            return None
-        os.replace(tmp, lib)
-    return lib
+    return build_cached(SOURCE, into, "libforkd_qemu_zygote.so", hosted=True)
 
 
 class QemuZygote:
