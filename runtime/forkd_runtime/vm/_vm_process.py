@@ -187,11 +187,9 @@ class VmProcesses:
                         mergeable=mergeable,
                     )
                 except ZygoteError as exc:
+                    log.warning("QEMU fork server: %s; starting this QEMU directly", exc)
                     if exc.server_gone:
-                        log.warning("QEMU fork server: %s; starting this QEMU directly", exc)
                         zygote.close()  # the next QEMU gets a new server
-                    else:
-                        log.warning("QEMU fork server: %s; starting this QEMU directly", exc)
         proc = subprocess.Popen(
             argv,
             pass_fds=fds,
