@@ -224,6 +224,9 @@ async def test_limits_applied_to_qemu_cgroup(vm):
     from forkd_runtime.vm._vm_limits import QEMU_OVERHEAD_MB
 
     assert mem == (300 + QEMU_OVERHEAD_MB) << 20 and quota == 50_000 and pids == 64
+    # QEMU's own memory (its heap, its translated code) counts against the VM.
+    usage = cg.dirs[0] / ("memory.usage_in_bytes" if vm.cgroups.version == 1 else "memory.current")
+    assert int(usage.read_text()) >= 4 << 20
     # QEMU runs unprivileged and sandboxed once started.
     status = Path(f"/proc/{k.pid}/status").read_text()
     uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))

@@ -183,3 +183,40 @@ async def test_a_retired_server_ends_with_its_last_child(zygote, tmp_path):
             break
         await asyncio.sleep(0.05)
     assert zygote.closed and zygote.proc.wait(5) is not None
+
+
+async def test_a_forked_qemu_is_in_its_cgroup_before_its_main(zygote, tmp_path):
+    from forkd_runtime._backend import Limits
+    from forkd_runtime._cgroups import detect
+
+    cgroups = detect(f"zygote-test-{os.getpid()}")
+    cg = cgroups.create("vm-1", Limits(memory_mb=256))
+    procs = [os.open(d / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC) for d in cg.dirs]
+    pidfd = -1
+    try:
+        proc, pidfd = await zygote.spawn(
+            IDLE, {}, tmp_path, newnet=False, no_thp=False, mergeable=False, cgroup_procs=procs
+        )
+        # It joins right after the fork (the answer may come first), before QEMU's main().
+        for _ in range(100):
+            if proc.pid in cg.pids():
+                break
+            await asyncio.sleep(0.02)
+        assert proc.pid in cg.pids()
+        await asyncio.sleep(1.0)
+        # Charged to it: QEMU's whole initialisation happened inside.
+        usage = cg.dirs[0] / ("memory.usage_in_bytes" if cgroups.version == 1 else "memory.current")
+        assert int(usage.read_text()) >= 2 << 20
+    finally:
+        if pidfd >= 0:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            await _exited(pidfd)
+            os.close(pidfd)
+        for fd in procs:
+            os.close(fd)
+        cg.kill()
+        for _ in range(50):
+            if cg.remove():
+                break
+            await asyncio.sleep(0.1)
+        cgroups.remove_scope()

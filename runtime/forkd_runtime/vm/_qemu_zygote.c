@@ -20,7 +20,7 @@
  *
  * Protocol (SOCK_SEQPACKET, one message each): a request is struct request,
  * then the working directory and argv as NUL-terminated strings, with nfds
- * descriptors attached; the answer is an event SPAWNED (pid, 0 or errno) with
+ * descriptors to place and ncgroups cgroup.procs files to join attached; the answer is an event SPAWNED (pid, 0 or errno) with
  * the child's pidfd attached. EXITED (pid, wait status) events follow as
  * children end. READY (own pid) first. End of the socket ends this process.
  * Without FORKD_QEMU_ZYGOTE in its environment QEMU runs as if nothing was
@@ -55,7 +55,8 @@ enum { EV_READY = 0, EV_SPAWNED = 1, EV_EXITED = 2 };
 
 struct request {
     unsigned magic, flags, nfds, argc;
-    int target[MAX_FDS]; /* where each attached fd goes in the child */
+    int target[MAX_FDS]; /* where each of the first nfds attached fds goes in the child */
+    unsigned ncgroups;   /* then this many cgroup.procs files the child joins before main() */
 };
 
 struct event {
@@ -110,6 +111,9 @@ static int child(const struct request *r, const int *fds, const char *cwd) {
     sigset_t all;
     sigemptyset(&all);
     sigprocmask(SIG_SETMASK, &all, NULL);
+    /* Into the VM's cgroups before QEMU allocates anything: its own memory counts against the VM. */
+    for (unsigned i = 0; i < r->ncgroups; i++)
+        if (write(fds[r->nfds + i], "0", 1) != 1) _exit(126);
     if (place_fds(fds, r->target, r->nfds) < 0) _exit(126);
     if ((r->flags & FLAG_NEWNET) && unshare(CLONE_NEWNET) != 0) _exit(126);
     if (r->flags & FLAG_NO_THP) prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0);
@@ -144,7 +148,9 @@ static int handle(int sock, int *is_child) {
     if ((size_t)n < sizeof r || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) err = EINVAL;
     if (!err) {
         memcpy(&r, msg_buf, sizeof r);
-        if (r.magic != MAGIC || r.nfds != (unsigned)nfds || r.argc < 1 || r.argc > MAX_ARGS) err = EINVAL;
+        if (r.magic != MAGIC || r.nfds > MAX_FDS || r.ncgroups > MAX_FDS || r.nfds + r.ncgroups != (unsigned)nfds ||
+            r.argc < 1 || r.argc > MAX_ARGS)
+            err = EINVAL;
         for (unsigned i = 0; !err && i < r.nfds; i++)
             if (r.target[i] < 0 || r.target[i] >= MAX_TARGET) err = EINVAL;
     }

@@ -37,7 +37,7 @@ MAX_TARGET = 1 << 20  # _qemu_zygote.c: a sanity bound on fd numbers
 FLAG_NEWNET, FLAG_NO_THP, FLAG_MERGEABLE = 1, 2, 4
 EV_READY, EV_SPAWNED, EV_EXITED = 0, 1, 2
 _EVENT = struct.Struct("=iii")
-_REQUEST = struct.Struct(f"=IIII{MAX_FDS}i")
+_REQUEST = struct.Struct(f"=IIII{MAX_FDS}iI")
 READY_TIMEOUT = 20.0
 # Forked processes share their parent's address-space layout, so the children of
 # one server share one ASLR layout: a fresh server (a new exec, a new layout) every
@@ -187,25 +187,36 @@ class QemuZygote:
         self.close()
 
     async def spawn(
-        self, argv: list[str], fds: dict[int, int], cwd: Path, *, newnet: bool, no_thp: bool, mergeable: bool
+        self,
+        argv: list[str],
+        fds: dict[int, int],
+        cwd: Path,
+        *,
+        newnet: bool,
+        no_thp: bool,
+        mergeable: bool,
+        cgroup_procs: list[int] = (),
     ) -> tuple[ForkedQemu, int]:
-        """Fork a QEMU running ``argv`` with ``fds`` ({number in QEMU: our fd});
-        (its process, a pidfd for it)."""
+        """Fork a QEMU running ``argv`` with ``fds`` ({number in QEMU: our fd}),
+        first joining the cgroups whose ``cgroup.procs`` files are open as
+        ``cgroup_procs``; (its process, a pidfd for it)."""
         if self.closed or self._sock is None:
             raise ZygoteError("the QEMU fork server is closed")
-        if len(fds) > MAX_FDS or any(not 0 <= t < MAX_TARGET for t in fds):
+        cgroup_procs = list(cgroup_procs)
+        if len(fds) + len(cgroup_procs) > MAX_FDS or any(not 0 <= t < MAX_TARGET for t in fds):
             raise ZygoteError(f"at most {MAX_FDS} fds, numbered below {MAX_TARGET}", server_gone=False)
         targets = list(fds)
         flags = (FLAG_NEWNET if newnet else 0) | (FLAG_NO_THP if no_thp else 0)
         flags |= FLAG_MERGEABLE if mergeable else 0
-        head = _REQUEST.pack(MAGIC, flags, len(fds), len(argv), *targets, *[0] * (MAX_FDS - len(fds)))
+        pad = [0] * (MAX_FDS - len(fds))
+        head = _REQUEST.pack(MAGIC, flags, len(fds), len(argv), *targets, *pad, len(cgroup_procs))
         body = head + b"".join(s.encode() + b"\0" for s in [str(cwd), *argv])
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         async with self._lock:  # a request and its place in the reply queue together
             while True:
                 try:
-                    socket.send_fds(self._sock, [body], [fds[t] for t in targets])
+                    socket.send_fds(self._sock, [body], [fds[t] for t in targets] + cgroup_procs)
                     break
                 except BlockingIOError:
                     try:

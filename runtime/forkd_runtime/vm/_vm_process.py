@@ -123,7 +123,10 @@ class VmProcesses:
         a_ours, a_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         state_r = state_w = -1
         fds = [q_theirs.fileno(), a_theirs.fileno(), *extra_fds]
+        cgroup: Cgroup | None = None
         try:
+            # Made first: a QEMU forked by the fork server joins it before its main().
+            cgroup = self.cgroups.create(vid, with_overhead(limits))
             if incoming:
                 state_r, state_w = os.pipe2(os.O_CLOEXEC)
                 # Room for the whole device state: the restore is then one write.
@@ -132,8 +135,11 @@ class VmProcesses:
                 fds.append(state_r)
             argv = build(q_theirs.fileno(), a_theirs.fileno())
             with open(run / "qemu.log", "wb") as logf:
-                proc, pidfd = await self._start_qemu(argv, fds, logf.fileno(), mergeable)
+                proc, pidfd = await self._start_qemu(argv, fds, logf.fileno(), mergeable, cgroup)
         except BaseException:
+            if cgroup is not None:
+                cgroup.kill()  # a QEMU forked into it before the failure
+                cgroup.remove()
             for sk in (q_ours, q_theirs, a_ours, a_theirs):
                 sk.close()
             for fd in (state_r, state_w):
@@ -156,10 +162,9 @@ class VmProcesses:
         vm.exited = loop.create_future()
         loop.add_reader(pidfd, self._on_exit, vm)
         self._vms.add(vm)
+        vm.cgroup, vm.limits = cgroup, limits
         try:
-            vm.cgroup = self.cgroups.create(vid, with_overhead(limits))
-            vm.limits = limits
-            vm.cgroup.add(proc.pid)
+            cgroup.add(proc.pid)  # started directly: in it now (forked: already in)
             q_ours.setblocking(False)
             await vm.qmp.connect(q_ours)
         except BaseException:
@@ -168,16 +173,18 @@ class VmProcesses:
         return vm
 
     async def _start_qemu(
-        self, argv: list[str], fds: list[int], logfd: int, mergeable: bool
+        self, argv: list[str], fds: list[int], logfd: int, mergeable: bool, cgroup: Cgroup
     ) -> tuple[subprocess.Popen | ForkedQemu, int]:
         """A QEMU process running ``argv`` with ``fds`` at the same numbers and
         its output to ``logfd``, in an empty network namespace, without
-        transparent huge pages: forked by the fork server when there is one,
-        else started directly. (process, pidfd)."""
+        transparent huge pages: forked by the fork server (inside ``cgroup``
+        before its first allocation) when there is one, else started directly
+        (the caller then moves it into ``cgroup``). (process, pidfd)."""
         zygote = await self._fork_server()
         if zygote is not None:
-            with open(os.devnull, "rb") as null:
-                try:
+            procs = [os.open(d / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC) for d in cgroup.dirs]
+            try:
+                with open(os.devnull, "rb") as null:
                     return await zygote.spawn(
                         argv,
                         {0: null.fileno(), 1: logfd, 2: logfd, **{fd: fd for fd in fds}},
@@ -185,11 +192,15 @@ class VmProcesses:
                         newnet=True,
                         no_thp=True,
                         mergeable=mergeable,
+                        cgroup_procs=procs,
                     )
-                except ZygoteError as exc:
-                    log.warning("QEMU fork server: %s; starting this QEMU directly", exc)
-                    if exc.server_gone:
-                        zygote.close()  # the next QEMU gets a new server
+            except ZygoteError as exc:
+                log.warning("QEMU fork server: %s; starting this QEMU directly", exc)
+                if exc.server_gone:
+                    zygote.close()  # the next QEMU gets a new server
+            finally:
+                for fd in procs:
+                    os.close(fd)
         proc = subprocess.Popen(
             argv,
             pass_fds=fds,
