@@ -217,3 +217,24 @@ async def test_a_second_runtime_on_the_same_state_dir_is_refused(process_backend
     # ... and did not touch the running one's sandboxes.
     (kid,) = await process_backend.spawn(await process_backend.prepare("base"), 1)
     assert (await check(kid, "echo ok")).strip() == "ok"
+
+
+async def test_close_leaves_no_cgroup_behind_while_the_stock_is_being_made(template_store, tmp_path):
+    from forkd_runtime._backend import Limits
+    from forkd_runtime._process_backend import ProcessBackend
+
+    backend = ProcessBackend(store=template_store, root=tmp_path / "state")
+    await backend.start()
+    await backend.prepare("base")
+    create = backend.cgroups.create
+
+    def slow_create(name, limits):  # a busy host: cgroupfs writes take a while
+        time.sleep(0.5)
+        return create(name, limits)
+
+    backend.cgroups.create = slow_create
+    backend._refill_cgroups(Limits(memory_mb=300))  # a stock being made, in a thread
+    await asyncio.sleep(0.05)
+    await backend.close()
+    await asyncio.sleep(1.0)  # long after any thread could have finished
+    assert [p for p in backend.cgroups._parents() if p.exists()] == []

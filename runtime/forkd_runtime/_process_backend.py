@@ -377,6 +377,8 @@ class ProcessBackend(Backend):
         # tops the stock up while the host is idle.
         self._cg_stock: dict[Limits, list[Cgroup]] = {}
         self._cg_refill: asyncio.Task | None = None
+        # The stock's cgroupfs work in flight (a thread each): close() waits for it.
+        self._cg_making: set[asyncio.Future] = set()
         # Internet access is opt-in per sandbox; the bridge and rules are set up
         # on first use. Names carry the scope so runtimes on one host never collide.
         self._scope = scope
@@ -422,6 +424,10 @@ class ProcessBackend(Backend):
     async def close(self) -> None:
         if self._cg_refill is not None:
             self._cg_refill.cancel()
+        # A cgroup still being made would outlive the scope's removal below.
+        for made in await asyncio.gather(*self._cg_making, return_exceptions=True):
+            if isinstance(made, Cgroup):
+                made.remove()
         await asyncio.gather(*(self.kill(c) for c in list(self._children.values())), return_exceptions=True)
         for stock in self._cg_stock.values():
             for cg in stock:
@@ -901,6 +907,8 @@ class ProcessBackend(Backend):
                 # In a thread: ~1 ms of cgroupfs writes (more on a busy host) per cgroup.
                 name = f"cg-{uuid.uuid4().hex[:12]}"
                 made = asyncio.ensure_future(asyncio.to_thread(self.cgroups.create, name, limits))
+                self._cg_making.add(made)
+                made.add_done_callback(self._cg_making.discard)
                 try:
                     stock.append(await asyncio.shield(made))
                 except asyncio.CancelledError:  # close(): the thread still finishes; drop its cgroup
