@@ -57,8 +57,7 @@ async def _answers(child) -> str:
 async def test_take_hands_out_a_ready_child_without_forking(process_backend):
     spawn = CountingSpawn(process_backend)
     pool = await _pool(process_backend, min_ready=2, max_total=4)
-    await pool.start()
-    try:
+    async with pool:
         assert pool.stats().ready == 2
         ready_ids = {c.id for c in process_backend.children()}
         calls, spawned = len(spawn.calls), pool.stats().spawned_total
@@ -72,14 +71,11 @@ async def test_take_hands_out_a_ready_child_without_forking(process_backend):
         assert await _answers(child) == child.id
         s = pool.stats()
         assert (s.in_use, s.taken_total) == (1, 1)
-    finally:
-        await pool.close()
 
 
 async def test_refills_to_min_ready_after_takes(process_backend):
     pool = await _pool(process_backend, min_ready=2, max_total=6, batch=2)
-    await pool.start()
-    try:
+    async with pool:
         taken = [await pool.take(), await pool.take()]
         assert await pool.wait_ready(2, timeout=30)
         s = pool.stats()
@@ -93,16 +89,13 @@ async def test_refills_to_min_ready_after_takes(process_backend):
         assert taken[0] not in process_backend.children()
         assert pool.stats().in_use == 1
         assert await _answers(taken[1]) == taken[1].id
-    finally:
-        await pool.close()
 
 
 async def test_refills_wait_for_a_step_of_missing_children(process_backend):
     spawn = CountingSpawn(process_backend)
     pool = await _pool(process_backend, min_ready=8, max_total=16)
     assert pool.refill_step == 2  # a quarter of min_ready
-    await pool.start()
-    try:
+    async with pool:
         assert spawn.calls == [8]
         await pool.take()
         await asyncio.sleep(0.3)
@@ -117,34 +110,25 @@ async def test_refills_wait_for_a_step_of_missing_children(process_backend):
         assert spawn.calls == [8, 2, 1]
         # A pool that ran dry refills at once, whatever the step.
         dry = await _pool(process_backend, min_ready=1, max_total=4, refill_step=3)
-        await dry.start()
-        try:
+        async with dry:
             await dry.take()
             assert await dry.wait_ready(1, timeout=30)
-        finally:
-            await dry.close()
-    finally:
-        await pool.close()
 
 
 async def test_first_fill_reaches_min_ready_past_a_batch(process_backend):
     # 20 = a batch of 16 and 4 more: the step (5) must not hold back the first fill.
     spawn = CountingSpawn(process_backend)
     pool = await _pool(process_backend, min_ready=20, max_total=24)
-    await pool.start()
-    try:
+    async with pool:
         assert pool.stats().ready == 20
         assert spawn.calls == [16, 4]
-    finally:
-        await pool.close()
 
 
 async def test_max_total_is_honoured(process_backend):
     pool = None
     spawn = CountingSpawn(process_backend, lambda: pool)
     pool = await _pool(process_backend, min_ready=1, max_total=2)
-    await pool.start()
-    try:
+    async with pool:
         a = await pool.take()  # the ready one
         b = await pool.take()  # ready (refilled) or forked on demand: capacity remains
         assert a.id != b.id
@@ -167,14 +151,11 @@ async def test_max_total_is_honoured(process_backend):
         assert c.id not in (a.id, b.id) and c.alive
         assert spawn.max_seen_total <= 2
         assert len(process_backend.children()) <= 2
-    finally:
-        await pool.close()
 
 
 async def test_dead_ready_child_is_not_handed_out(process_backend):
     pool = await _pool(process_backend, min_ready=2, max_total=4, refresh_identity=False)
-    await pool.start()
-    try:
+    async with pool:
         victims = process_backend.children()
         assert len(victims) == 2
         for v in victims:
@@ -185,14 +166,11 @@ async def test_dead_ready_child_is_not_handed_out(process_backend):
         assert child.id not in {v.id for v in victims}
         assert await _answers(child) == child.id
         assert pool.stats().failures == 2
-    finally:
-        await pool.close()
 
 
 async def test_handed_out_child_that_dies_frees_its_place(process_backend):
     pool = await _pool(process_backend, min_ready=1, max_total=1)
-    await pool.start()
-    try:
+    async with pool:
         child = await pool.take()
         with pytest.raises(PoolBusy):
             await pool.take()
@@ -201,20 +179,15 @@ async def test_handed_out_child_that_dies_frees_its_place(process_backend):
         assert pool.stats().in_use == 0
         other = await pool.take(timeout=30)
         assert other.id != child.id and await _answers(other) == other.id
-    finally:
-        await pool.close()
 
 
 async def test_concurrent_takes_get_distinct_children(process_backend):
     pool = await _pool(process_backend, min_ready=3, max_total=8)
-    await pool.start()
-    try:
+    async with pool:
         kids = await asyncio.gather(*(pool.take() for _ in range(5)))  # 3 ready + 2 on demand
         assert len({k.id for k in kids}) == 5
         assert [await _answers(k) for k in kids] == [k.id for k in kids]
         assert pool.stats().in_use == 5
-    finally:
-        await pool.close()
 
 
 async def test_close_kills_everything(process_backend):
@@ -285,8 +258,7 @@ async def test_cancelled_take_leaves_no_orphan(process_backend):
     spawn = CountingSpawn(process_backend)
     spawn.spawned = asyncio.Event()
     pool = await _pool(process_backend, min_ready=0, max_total=2)
-    await pool.start()
-    try:
+    async with pool:
         taker = asyncio.ensure_future(pool.take())  # nothing ready: forks on demand
         await asyncio.wait_for(spawn.spawned.wait(), 30)
         taker.cancel()
@@ -300,14 +272,11 @@ async def test_cancelled_take_leaves_no_orphan(process_backend):
         assert process_backend.children() == []
         s = pool.stats()
         assert (s.spawning, s.in_use, s.spawned_total) == (0, 0, 1)
-    finally:
-        await pool.close()
 
 
 async def test_refills_run_at_idle_priority_and_handed_out_children_do_not(process_backend):
     pool = await _pool(process_backend, min_ready=1, max_total=3)
-    await pool.start()
-    try:
+    async with pool:
         [ready] = pool._ready.values()
         # Forked and warmed for a refill: only ever runs on CPU time nobody else wants.
         assert os.sched_getscheduler(ready.pid) == os.SCHED_IDLE
@@ -328,5 +297,3 @@ async def test_refills_run_at_idle_priority_and_handed_out_children_do_not(proce
             assert os.sched_getscheduler(direct.pid) == os.SCHED_OTHER
         finally:
             await process_backend.kill(direct)
-    finally:
-        await pool.close()
