@@ -75,7 +75,7 @@ def answer_until_needed(
     raw = bytearray(initial)
     to_native = native is not None
     while True:
-        if native is not None and to_native:
+        if to_native:  # only ever set while there is a native loop
             more = native(bytes(raw))
             if more is None:
                 native = None

@@ -55,7 +55,7 @@ from ._parent import ParentBoot
 from ._pool import WarmPool
 from ._qemu import Machine, qemu_binary
 from ._qemu_libs import qemu_env
-from ._qemu_zygote import FORKS_PER_SERVER, QemuZygote, ZygoteError
+from ._qemu_zygote import QemuZygote, ZygoteError
 from ._qemu_zygote import library as zygote_library
 from ._reconcile import Reconcile
 from ._snapshot_meta import SNAPSHOT_KEYS, LoadedSnapshot, SnapshotMismatch
@@ -178,13 +178,13 @@ class VmBackend(
         ``FORKS_PER_SERVER`` forks or when the last one died; None (start QEMU
         directly) when it is turned off or cannot be built or started here."""
         z = self.qemu_zygote
-        if z is not None and not z.closed and z.forks < FORKS_PER_SERVER:
+        if z is not None and z.can_fork:
             return z
         if not self._zygote_wanted:
             return None
         async with self._zygote_lock:
             z = self.qemu_zygote
-            if z is not None and not z.closed and z.forks < FORKS_PER_SERVER:
+            if z is not None and z.can_fork:
                 return z
             if z is not None:
                 z.retire()

@@ -37,12 +37,16 @@ def _needed_capstone(binary: str) -> str | None:
     return m.group(1).decode() if m else None
 
 
+def _real_wanted() -> bool:
+    return os.environ.get("FORKD_VM_CAPSTONE", "stub") == "real"
+
+
 def capstone_plan(binary: str) -> str:
     """What the VM backend does about ``binary``'s libcapstone (for ``forkd doctor``)."""
     soname = _needed_capstone(binary)
     if soname is None:
         return "not linked"
-    if os.environ.get("FORKD_VM_CAPSTONE", "stub") == "real":
+    if _real_wanted():
         return f"{soname}: the real one (FORKD_VM_CAPSTONE=real)"
     return f"{soname}: a stand-in that never disassembles, if it builds here (FORKD_VM_CAPSTONE=real: the real one)"
 
@@ -50,7 +54,7 @@ def capstone_plan(binary: str) -> str:
 def capstone_stub(binary: str, into: Path) -> Path | None:
     """A directory holding the stand-in for ``binary``'s libcapstone (built once
     into ``into``), or None: QEMU then loads the real one."""
-    if os.environ.get("FORKD_VM_CAPSTONE", "stub") == "real":
+    if _real_wanted():
         return None
     soname = _needed_capstone(binary)
     if soname is None:

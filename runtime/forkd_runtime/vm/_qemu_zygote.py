@@ -2,13 +2,15 @@
 QEMU that the dynamic linker has already prepared (``_qemu_zygote.c`` says
 why: ~4 MiB of private memory per QEMU process become shared).
 
-The runtime keeps one per backend (``VmBackend.start``). Children are
-ordinary QEMU processes with the runtime's command line and fds; they are the
-server's children, so their exit status comes back over the socket (and
+The backend starts one on first use and a new one every ``FORKS_PER_SERVER``
+QEMU processes or when the last one died (``VmBackend._fork_server``); a
+retired server lives until its last child is reaped. Children are ordinary
+QEMU processes with the runtime's command line and fds; they are the server's
+children, so their exit status comes back over the socket (and
 ``ForkedQemu.poll`` shows it), while the runtime watches and kills them
-through the pidfd the server sends with each. If the server cannot be built
-or started here, or dies, ``VmProcesses`` starts QEMU directly again
-(``FORKD_VM_QEMU_ZYGOTE=0`` always does).
+through the pidfd the server sends with each. If no server can be built or
+started here, ``VmProcesses`` starts QEMU directly (``FORKD_VM_QEMU_ZYGOTE=0``
+always does).
 """
 
 from __future__ import annotations
@@ -244,6 +246,11 @@ class QemuZygote:
             await asyncio.wait_for(ready, READY_TIMEOUT)
         finally:
             loop.remove_writer(fd)
+
+    @property
+    def can_fork(self) -> bool:
+        """Alive and not yet due for replacement (see ``FORKS_PER_SERVER``)."""
+        return not self.closed and self.forks < FORKS_PER_SERVER
 
     def retire(self) -> None:
         """No more forks; stop once the last child has been reaped."""
